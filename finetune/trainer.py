@@ -1,0 +1,175 @@
+"""The fine-tuning loop: recipe -> data -> SAM + LoRA -> AdamW steps -> evaluations -> files.
+
+Files of a run (``output.dir``): ``recipe.yaml`` (resolved), ``checkpoints/{last,best}/`` (peft
+adapter folders), ``metrics.json`` (final model; ``baseline`` = before fine-tuning), ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from samtune import SamtuneError
+from samtune.adapters.lora import LoraSettings, apply_lora, count_parameters
+from samtune.adapters.registry import build_sam, get_variant
+from samtune.adapters.sam_io import predict_low_res, upscale_logits
+from samtune.datasets import sample as S
+from samtune.finetune.checkpoints import load_checkpoint, save_checkpoint
+from samtune.finetune.data import build_datasets
+from samtune.finetune.evaluation import evaluate
+from samtune.finetune.losses import make_mask_loss
+from samtune.finetune.metrics import format_table
+from samtune.finetune.recipe import Recipe, dump_recipe
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SamtuneError(f"train.device={name!r}: CUDA is not available on this machine; use auto or cpu.")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def image_size_of(recipe: Recipe) -> int:
+    return recipe.model.image_size or get_variant(recipe.model.name).default_image_size
+
+
+def build_base_model(recipe: Recipe):
+    model = build_sam(
+        recipe.model.name, recipe.model.checkpoint, image_size=image_size_of(recipe), init_seed=recipe.model.init_seed
+    )
+    # recorded by peft as adapter_config.json's base_model_name_or_path
+    model.name_or_path = recipe.model.checkpoint or recipe.model.name
+    return model
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
+    tmp.replace(path)
+
+
+def train(recipe: Recipe) -> dict:
+    """Run one fine-tuning; returns the final metrics (also written to ``metrics.json``)."""
+    out = Path(recipe.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_yaml = dump_recipe(recipe)
+    (out / "recipe.yaml").write_text(recipe_yaml)
+    seed_everything(recipe.seed)
+    device = resolve_device(recipe.train.device)
+    image_size = image_size_of(recipe)
+
+    train_set, val_set = build_datasets(recipe, image_size)
+    log.info("samples: %d train, %d val pairs (image/slice × class)", len(train_set), len(val_set))
+    lora = recipe.adapter.lora
+    model = apply_lora(build_base_model(recipe), LoraSettings(lora.rank, lora.alpha, lora.dropout, lora.target_modules))
+    model.to(device)
+    params = count_parameters(model)
+    log.info(
+        "parameters: %s trainable of %s total (encoder LoRA %s, mask decoder %s)",
+        f"{params['trainable']:,}", f"{params['total']:,}", f"{params['encoder_lora']:,}", f"{params['mask_decoder']:,}",
+    )
+
+    # LoRA's B starts at zero and the decoder at the base weights: this is the model before fine-tuning.
+    baseline = evaluate(model, val_set, recipe.eval.batch_size, device, desc="eval (before)")
+    log.info("before fine-tuning: mIoU %.4f", baseline["miou"])
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.train.warmup_steps, recipe.train.steps)
+    loss_fn = make_mask_loss(recipe.loss.dice_weight, recipe.loss.focal_weight)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    sampler = RandomSampler(train_set, replacement=True, num_samples=recipe.train.steps * recipe.train.batch_size, generator=generator)
+    loader = DataLoader(
+        train_set, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=S.collate_samples,
+        num_workers=recipe.train.num_workers, drop_last=True,
+    )  # fmt: skip
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tensorboard"))
+    best = {"miou": -math.inf, "step": 0}
+    history = []
+    metrics = baseline
+    started = time.perf_counter()
+    model.train()
+    progress = tqdm(loader, total=recipe.train.steps, desc="train", unit="step")
+    for step, batch in enumerate(progress, start=1):
+        low_res = predict_low_res(model, batch[S.IMAGE].to(device), batch[S.BOXES].to(device))
+        loss = loss_fn(upscale_logits(low_res, image_size), batch[S.MASK].to(device))
+        if not torch.isfinite(loss):
+            raise SamtuneError(f"loss became {loss.item()} at step {step}; lower train.lr (now {recipe.train.lr}).")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        if step % recipe.train.log_every == 0 or step == 1:
+            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+        if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
+            metrics = evaluate(model, val_set, recipe.eval.batch_size, device, desc=f"eval @ {step}")
+            writer.add_scalar("val/miou", metrics["miou"], step)
+            writer.add_scalar("val/mdice", metrics["mdice"], step)
+            for name, c in metrics["per_class"].items():
+                writer.add_scalar(f"val_iou/{name}", c["iou"], step)
+            history.append({"step": step, "miou": metrics["miou"], "mdice": metrics["mdice"], "loss": loss.item()})
+            state = {"step": step, "miou": metrics["miou"], "mdice": metrics["mdice"]}
+            save_checkpoint(model, out / "checkpoints" / "last", recipe_yaml, state)
+            if metrics["miou"] > best["miou"]:
+                best = {"miou": metrics["miou"], "step": step}
+                save_checkpoint(model, out / "checkpoints" / "best", recipe_yaml, state)
+            progress.write(f"step {step}: val mIoU {metrics['miou']:.4f} (best {best['miou']:.4f} @ {best['step']})")
+    writer.flush()
+    writer.close()
+
+    result = dict(metrics)
+    result.update(
+        step=recipe.train.steps,
+        checkpoint=str(out / "checkpoints" / "last"),
+        best={"step": best["step"], "miou": best["miou"], "checkpoint": str(out / "checkpoints" / "best")},
+        baseline={k: baseline[k] for k in ("per_class", "miou", "mdice", "miou_per_sample", "mdice_per_sample")},
+        miou_gain=metrics["miou"] - baseline["miou"],
+        history=history,
+        parameters=params,
+        train_seconds=round(time.perf_counter() - started, 1),
+        device=str(device),
+    )
+    write_json(out / "metrics.json", result)
+    print(format_table({"before fine-tuning": baseline, f"after {recipe.train.steps} steps": metrics}, title="validation, box prompts from ground truth"))
+    print(f"mIoU {baseline['miou']:.3f} -> {metrics['miou']:.3f} ({metrics['miou'] - baseline['miou']:+.3f}); files in {out}")
+    return result
+
+
+def evaluate_checkpoint(recipe: Recipe, checkpoint: str | Path, out_file: str | Path | None) -> dict:
+    """Rebuild the base model from the recipe, load the adapter folder, evaluate on the val split."""
+    seed_everything(recipe.seed)
+    device = resolve_device(recipe.train.device)
+    _, val_set = build_datasets(recipe, image_size_of(recipe))
+    model = load_checkpoint(build_base_model(recipe), checkpoint).to(device)
+    metrics = evaluate(model, val_set, recipe.eval.batch_size, device)
+    metrics["checkpoint"] = str(checkpoint)
+    out_path = Path(out_file) if out_file else Path(recipe.output.dir) / "eval" / "metrics.json"
+    write_json(out_path, metrics)
+    print(format_table({Path(checkpoint).name: metrics}, title="validation, box prompts from ground truth"))
+    print(f"mIoU {metrics['miou']:.3f}; written to {out_path}")
+    return metrics
