@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from samtune import SamtuneError
+
 # variant -> (encoder width, depth, heads, global-attention block indexes), as in segment_anything.build_sam
 OFFICIAL_VARIANTS = {
     "vit_b": (768, 12, 12, (2, 5, 8, 11)),
@@ -36,7 +38,7 @@ _PE_KEY = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"  # (2, D
 _PE_HF_KEYS = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SamtuneError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file and the fix."""
 
 

@@ -139,8 +139,6 @@ def build_sam(
     elif path.is_dir() or not path.suffix:
         model = _load_hf(source, name, path)
         if model.config.vision_config.image_size != size:
-            from samtune.adapters.official import resize_hf_model
-
             model = resize_hf_model(model, size)
     else:
         raise SamtuneError(
@@ -149,6 +147,22 @@ def build_sam(
         )
     model.eval()
     return model
+
+
+def resize_hf_model(model: SamModel, image_size: int) -> SamModel:
+    """The same weights at another input size: position tables interpolated (see official.py)."""
+    from samtune.adapters.official import resize_position_tables
+
+    config = model.config
+    config.vision_config.image_size = image_size
+    config.prompt_encoder_config.image_size = image_size
+    config.prompt_encoder_config.image_embedding_size = image_size // config.vision_config.patch_size
+    state = resize_position_tables(model.state_dict(), config)
+    with torch.device("meta"):
+        resized = SamModel(config)
+    resized.load_state_dict(state, strict=True, assign=True)
+    resized.tie_weights()
+    return resized
 
 
 @torch.no_grad()

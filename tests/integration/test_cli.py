@@ -1,0 +1,192 @@
+"""One tiny end-to-end run per CLI command on generated data: exact files written, sane metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+
+from samtune.adapters.registry import build_sam
+from samtune.datasets.synthetic import generate_cityscapes, generate_ct_phantom
+from samtune.finetune.cli import main
+
+STEPS = 24
+
+
+def write_recipe(path: Path, data: dict, out: Path, **sections) -> Path:
+    recipe = {
+        "seed": 0,
+        "data": data,
+        "model": {"name": "tiny", "image_size": 64},
+        "train": {"steps": STEPS, "batch_size": 4, "lr": 2e-3, "eval_every": 12, "log_every": 4},
+        "prompts": {"box_jitter_px": 2},
+        "eval": {"batch_size": 16, "max_samples": 40},
+        "output": {"dir": str(out)},
+    }
+    recipe.update(sections)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ct_run(tmp_path_factory):
+    """A finished training run on a small CT phantom (shared by the tests of this module)."""
+    tmp = tmp_path_factory.mktemp("ct")
+    root = generate_ct_phantom(tmp / "data", n_cases=3, shape=(48, 48, 12))
+    recipe = write_recipe(tmp / "recipe.yaml", {"kind": "nifti", "root": str(root), "val_fraction": 0.34}, tmp / "run")
+    assert main(["-q", "train", str(recipe)]) == 0
+    return recipe, tmp / "run"
+
+
+def test_train_writes_exactly_the_documented_files(ct_run):
+    _, run = ct_run
+    for ckpt in ("last", "best"):
+        files = sorted(p.name for p in (run / "checkpoints" / ckpt).iterdir())
+        # README.md: the model card peft writes with every adapter
+        assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "trainer_state.json"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]  # no temp leftovers
+    assert (run / "recipe.yaml").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == {"liver", "spleen", "kidney_right", "kidney_left"}
+    for values in metrics["per_class"].values():
+        assert 0.0 <= values["iou"] <= values["dice"] <= 1.0
+    assert math.isfinite(metrics["miou"]) and math.isfinite(metrics["mdice"])
+    assert metrics["step"] == STEPS and metrics["baseline"]["per_class"].keys() == metrics["per_class"].keys()
+    assert metrics["parameters"]["trainable"] == metrics["parameters"]["encoder_lora"] + metrics["parameters"]["mask_decoder"]
+    state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["miou"] == pytest.approx(metrics["miou"])
+
+
+def test_resolved_recipe_is_saved_and_reloadable(ct_run, tmp_path):
+    recipe, run = ct_run
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert saved["train"]["steps"] == STEPS and saved["train"]["weight_decay"] == 0.01  # defaults filled in
+    assert main(["-q", "validate", str(run / "recipe.yaml")]) == 0
+
+
+def test_evaluate_reproduces_the_end_of_training(ct_run, tmp_path):
+    recipe, run = ct_run
+    out = tmp_path / "eval.json"
+    assert main(["-q", "evaluate", str(recipe), "--checkpoint", str(run / "checkpoints" / "last"), "--out", str(out)]) == 0
+    trained = json.loads((run / "metrics.json").read_text())
+    evaluated = json.loads(out.read_text())
+    assert evaluated["miou"] == pytest.approx(trained["miou"], abs=1e-9)
+    for name, values in trained["per_class"].items():
+        assert evaluated["per_class"][name]["iou"] == pytest.approx(values["iou"], abs=1e-9)
+
+
+def test_evaluate_default_output_path(ct_run):
+    recipe, run = ct_run
+    assert main(["-q", "evaluate", str(recipe), "--checkpoint", str(run / "checkpoints" / "best")]) == 0
+    assert (run / "eval" / "metrics.json").is_file()
+
+
+def test_saved_adapter_loads_with_plain_peft(ct_run):
+    _, run = ct_run
+    folder = run / "checkpoints" / "last"
+    base = build_sam("tiny", image_size=64)
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    untouched = build_sam("tiny", image_size=64).eval()
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 64, 64)
+    boxes = torch.tensor([[[8.0, 8.0, 40.0, 40.0]], [[20.0, 10.0, 60.0, 50.0]]])
+    with torch.no_grad():
+        a = model(pixel_values=pixels, input_boxes=boxes, multimask_output=False).pred_masks
+        b = PeftModel.from_pretrained(build_sam("tiny", image_size=64), str(folder)).eval()(
+            pixel_values=pixels, input_boxes=boxes, multimask_output=False
+        ).pred_masks
+        c = untouched(pixel_values=pixels, input_boxes=boxes, multimask_output=False).pred_masks
+    assert torch.equal(a, b)  # deterministic reload
+    assert not torch.allclose(a, c)  # and the fine-tuned weights really are in the folder
+
+
+def test_train_on_cityscapes_tree(tmp_path):
+    root = generate_cityscapes(tmp_path / "cs", n_train=2, n_val=1, size_wh=(128, 64))
+    recipe = write_recipe(tmp_path / "r.yaml", {"kind": "cityscapes", "root": str(root), "min_pixels": 20}, tmp_path / "run")
+    assert main(["-q", "train", str(recipe), "train.steps=6", "train.eval_every=6"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"road", "sidewalk", "building", "sky", "car"} <= set(metrics["per_class"])
+    assert all(name in {"road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                        "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                        "motorcycle", "bicycle"} for name in metrics["per_class"])  # fmt: skip
+
+
+def test_demo_data_command_writes_both_datasets(tmp_path):
+    assert main(["demo-data", "--out", str(tmp_path), "--kind", "all"]) == 0
+    ct = tmp_path / "Dataset900_CTPhantom"
+    assert (ct / "dataset.json").is_file()
+    assert len(list((ct / "imagesTr").glob("*_0000.nii.gz"))) == len(list((ct / "labelsTr").glob("*.nii.gz"))) > 0
+    cs = tmp_path / "cityscapes"
+    images = sorted((cs / "leftImg8bit").glob("*/*/*_leftImg8bit.png"))
+    labels = sorted((cs / "gtFine").glob("*/*/*_gtFine_labelIds.png"))
+    assert images and len(images) == len(labels)
+    assert {p.parts[-3] for p in images} == {"train", "val"}
+
+
+def test_bad_recipe_key_is_one_clear_error(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("data: {kind: nifti, root: x}\ntrain: {stepz: 3, lr: fast}\n")
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert str(recipe) in err and "train.stepz" in err and "did you mean `train.steps`" in err and "train.lr" in err
+    assert "Traceback" not in err
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", {"kind": "nifti", "root": str(tmp_path / "nowhere")}, tmp_path / "run")
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and "nowhere" in err and "generate_demo" in err
+
+
+def test_image_without_label_names_the_file(tmp_path, capsys):
+    root = generate_cityscapes(tmp_path / "cs", n_train=2, n_val=1, size_wh=(128, 64))
+    victim = sorted((root / "gtFine" / "train").glob("*/*_gtFine_labelIds.png"))[0]
+    victim.unlink()
+    recipe = write_recipe(tmp_path / "r.yaml", {"kind": "cityscapes", "root": str(root)}, tmp_path / "run")
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "Traceback" not in err
+
+
+def test_generate_demo_creates_missing_root(tmp_path, monkeypatch):
+    from samtune.datasets import synthetic
+
+    made = {}
+
+    def small_phantom(out_dir, seed=0):
+        made["called"] = True
+        return generate_ct_phantom(out_dir, n_cases=3, shape=(48, 48, 12), seed=seed)
+
+    monkeypatch.setattr(synthetic, "generate_ct_phantom", small_phantom)
+    root = tmp_path / "demo" / "Dataset900_CTPhantom"
+    data = {"kind": "nifti", "root": str(root), "generate_demo": True, "val_fraction": 0.34}
+    recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "run")
+    assert main(["-q", "train", str(recipe), "train.steps=2", "train.eval_every=2"]) == 0
+    assert made and (root / "dataset.json").is_file()
+    assert [p.name for p in root.parent.iterdir()] == ["Dataset900_CTPhantom"]  # no temp leftovers
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "samtune", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("train", "evaluate", "validate", "demo-data", "recipe-keys"):
+        assert command in out
+    for command in ("train", "evaluate", "validate", "demo-data"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+
+
+def test_recipe_keys_table_matches_readme(capsys):
+    assert main(["recipe-keys"]) == 0
+    table = capsys.readouterr().out.strip()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert table in readme, "README's recipe table is out of date: paste the output of `samtune recipe-keys`"
