@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--kind", choices=["all", "ct", "cityscapes"], default="all", help="which dataset(s) to write")
 
+    p = sub.add_parser(
+        "export",
+        help="merge LoRA and export a checkpoint: Hugging Face folder, official SAM .pth, or ONNX",
+        description="Merge the LoRA weights of a checkpoint into the base model and write it as a transformers "
+        "folder (hf: SamModel.from_pretrained loads it), an official segment_anything .pth (sam-pth), or two ONNX "
+        "files, image encoder and prompt encoder + mask decoder (onnx; needs the onnx extra).",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder written by `samtune train`")
+    p.add_argument("--format", choices=["hf", "sam-pth", "onnx"], required=True, help="what to write")
+    p.add_argument("--out", type=Path, required=True, help="output folder (hf, onnx) or .pth file (sam-pth)")
+    p.add_argument("--recipe", type=Path, default=None, help="recipe that built the base model (default: CHECKPOINT/recipe.yaml)")
+
     sub.add_parser("recipe-keys", help="print every recipe key with its default and meaning (Markdown)")
     return parser
 
@@ -85,6 +97,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     from samtune.finetune.recipe import dump_recipe, load_recipe
+
+    if args.command == "export":
+        from samtune.finetune import trainer
+
+        recipe = load_recipe(args.recipe or args.checkpoint / "recipe.yaml")
+        for path in trainer.export_checkpoint(recipe, args.checkpoint, args.format, args.out):
+            print(path)
+        return 0
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
@@ -111,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "peft", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="peft")
+    # transformers' own deprecation notices (raised inside peft/transformers, nothing a user can act on)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*trace might not generalize.*")  # ONNX export of fixed-size shapes
     try:
         return _run(args)
     except SamtuneError as exc:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from samtune import SamtuneError
-from samtune.adapters.lora import ENCODER_QKV
+from samtune.adapters.lora import LoraPreset
 
 
 class _Section(BaseModel):
@@ -43,10 +43,12 @@ class ModelSection(_Section):
 
 
 class LoraSection(_Section):
+    preset: LoraPreset = Field("encoder_qkv", description="where LoRA goes: `encoder_qkv` (fused q,k,v of every encoder block, as SAMed), `encoder_qkv_proj`, `encoder_all_linear` (qkv, proj, MLP), `decoder_attention` (mask-decoder attention q/k/v/out), `encoder_qkv+decoder_attention`")
+    target_modules: Optional[str] = Field(None, description="regex (full match on module names) used instead of the preset, e.g. `.*vision_encoder\\.layers\\.\\d+\\.attn\\.qkv`")
+    blocks: Optional[list[int]] = Field(None, description="restrict encoder LoRA to these block indexes; negative counts from the end (`[-4, -3, -2, -1]` = last 4)")
     rank: int = Field(4, ge=1, description="LoRA rank r")
     alpha: float = Field(4.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: str = Field(ENCODER_QKV, description="regex (full match) of the module names that get LoRA (default: every image-encoder block's fused `attn.qkv`)")
 
 
 class AdapterSection(_Section):
@@ -54,6 +56,8 @@ class AdapterSection(_Section):
 
 
 class TrainSection(_Section):
+    mode: Literal["lora", "decoder_only", "full"] = Field("lora", description="`lora`: frozen encoders + LoRA + trained mask decoder; `decoder_only`: frozen encoders, mask decoder trained; `full`: every weight trained")
+    gradient_checkpointing: bool = Field(False, description="recompute image-encoder block activations in the backward pass (less memory, ~30% more time)")
     steps: int = Field(500, ge=1, description="optimiser steps")
     batch_size: int = Field(8, ge=1, description="prompted samples per step")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")

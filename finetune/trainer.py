@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from samtune import SamtuneError
-from samtune.adapters.lora import LoraSettings, apply_lora, count_parameters
+from samtune.adapters.lora import LoraSettings, count_parameters, prepare_trainable
 from samtune.adapters.registry import build_sam, get_variant
 from samtune.adapters.sam_io import predict_low_res, upscale_logits
 from samtune.datasets import sample as S
@@ -61,6 +61,12 @@ def build_base_model(recipe: Recipe):
     return model
 
 
+def lora_settings(recipe: Recipe) -> LoraSettings:
+    lora = recipe.adapter.lora
+    blocks = tuple(lora.blocks) if lora.blocks is not None else None
+    return LoraSettings(lora.rank, lora.alpha, lora.dropout, lora.preset, lora.target_modules, blocks)
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -80,16 +86,18 @@ def train(recipe: Recipe) -> dict:
 
     train_set, val_set = build_datasets(recipe, image_size)
     log.info("samples: %d train, %d val pairs (image/slice × class)", len(train_set), len(val_set))
-    lora = recipe.adapter.lora
-    model = apply_lora(build_base_model(recipe), LoraSettings(lora.rank, lora.alpha, lora.dropout, lora.target_modules))
-    model.to(device)
+    base = build_base_model(recipe)
+    if recipe.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_trainable(base, recipe.train.mode, lora_settings(recipe)).to(device)
     params = count_parameters(model)
     log.info(
-        "parameters: %s trainable of %s total (encoder LoRA %s, mask decoder %s)",
-        f"{params['trainable']:,}", f"{params['total']:,}", f"{params['encoder_lora']:,}", f"{params['mask_decoder']:,}",
+        "parameters (%s): %s trainable of %s total — %s",
+        recipe.train.mode, f"{params['trainable']:,}", f"{params['total']:,}",
+        ", ".join(f"{k} {v:,}" for k, v in params.items() if v and k not in ("trainable", "total")),
     )
 
-    # LoRA's B starts at zero and the decoder at the base weights: this is the model before fine-tuning.
+    # LoRA's B starts at zero, the rest at the base weights: this is the model before fine-tuning.
     baseline = evaluate(model, val_set, recipe.eval.batch_size, device, desc="eval (before)")
     log.info("before fine-tuning: mIoU %.4f", baseline["miou"])
 
@@ -165,7 +173,7 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: str | Path, out_file: str | 
     seed_everything(recipe.seed)
     device = resolve_device(recipe.train.device)
     _, val_set = build_datasets(recipe, image_size_of(recipe))
-    model = load_checkpoint(build_base_model(recipe), checkpoint).to(device)
+    model = load_checkpoint(checkpoint, lambda: build_base_model(recipe)).to(device)
     metrics = evaluate(model, val_set, recipe.eval.batch_size, device)
     metrics["checkpoint"] = str(checkpoint)
     out_path = Path(out_file) if out_file else Path(recipe.output.dir) / "eval" / "metrics.json"
@@ -173,3 +181,11 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: str | Path, out_file: str | 
     print(format_table({Path(checkpoint).name: metrics}, title="validation, box prompts from ground truth"))
     print(f"mIoU {metrics['miou']:.3f}; written to {out_path}")
     return metrics
+
+
+def export_checkpoint(recipe: Recipe, checkpoint: str | Path, fmt: str, out: str | Path) -> list[Path]:
+    """Load a checkpoint on the recipe's base model and export it merged (see adapters/export.py)."""
+    from samtune.adapters.export import export_model
+
+    model = load_checkpoint(checkpoint, lambda: build_base_model(recipe))
+    return export_model(model, fmt, out)
