@@ -189,4 +189,35 @@ def test_recipe_keys_table_matches_readme(capsys):
     assert main(["recipe-keys"]) == 0
     table = capsys.readouterr().out.strip()
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert table in readme, "README's recipe table is out of date: paste the output of `samtune recipe-keys`"
+    documented = readme.split("<!-- recipe-keys:start -->\n")[1].split("\n<!-- recipe-keys:end -->")[0]
+    assert documented == table, "README's recipe table is out of date: paste the output of `samtune recipe-keys`"
+
+
+@pytest.mark.parametrize("fmt, out_name, files", [
+    ("hf", "hf", ["config.json", "model.safetensors"]),
+    ("sam-pth", "organ_sam.pth", None),
+    ("onnx", "onnx", ["image_encoder.onnx", "prompt_decoder.onnx"]),
+])  # fmt: skip
+def test_export_command_writes_the_format(ct_run, tmp_path, fmt, out_name, files):
+    _, run = ct_run
+    out = tmp_path / out_name
+    assert main(["-q", "export", "--checkpoint", str(run / "checkpoints" / "best"), "--format", fmt, "--out", str(out)]) == 0
+    if files is None:
+        assert out.is_file() and "image_encoder.patch_embed.proj.weight" in torch.load(out, weights_only=True)
+    else:
+        assert sorted(p.name for p in out.iterdir()) == files
+
+
+def test_decoder_only_mode_trains_and_evaluates(tmp_path):
+    root = generate_ct_phantom(tmp_path / "data", n_cases=3, shape=(48, 48, 12))
+    data = {"kind": "nifti", "root": str(root), "val_fraction": 0.34}
+    recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "run")
+    overrides = ["train.mode=decoder_only", "train.steps=4", "train.eval_every=4"]
+    assert main(["-q", "train", str(recipe), *overrides]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert {"config.json", "model.safetensors", "recipe.yaml", "trainer_state.json"} <= {p.name for p in last.iterdir()}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["parameters"]["trainable"] == metrics["parameters"]["mask_decoder"] > 0
+    out = tmp_path / "eval.json"
+    assert main(["-q", "evaluate", str(recipe), *overrides, "--checkpoint", str(last), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["miou"] == pytest.approx(metrics["miou"], abs=1e-9)
