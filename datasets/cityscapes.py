@@ -77,6 +77,10 @@ class CityscapesSource:
             raise SamtuneError(f"{self.labels[index]}: expected a single-channel labelIds PNG, got shape {label_ids.shape}.")
         return map_label_ids(label_ids)
 
+    def slice_classes(self, index: int) -> dict[int, int]:
+        ids, counts = np.unique(self.load_label(index), return_counts=True)
+        return dict(zip(ids.tolist(), counts.tolist()))
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         with Image.open(self.images[index]) as img:
             image = np.asarray(img.convert("RGB"))

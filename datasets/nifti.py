@@ -137,6 +137,10 @@ class NiftiSliceSource:
         case, z = self.slices[index]
         return self._to_display(self.volumes[case][1][:, :, z])
 
+    def slice_classes(self, index: int) -> dict[int, int]:
+        ids, counts = np.unique(self.load_label(index), return_counts=True)
+        return dict(zip(ids.tolist(), counts.tolist()))
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         case, z = self.slices[index]
         image, label = self.volumes[case]

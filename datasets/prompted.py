@@ -27,7 +27,7 @@ class SliceSource(Protocol):
     def __len__(self) -> int: ...
     def item_id(self, index: int) -> str: ...
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]: ...  # H×W×3 uint8, H×W label
-    def load_label(self, index: int) -> np.ndarray: ...
+    def slice_classes(self, index: int) -> dict[int, int]: ...  # class id -> pixels, without reading the image
 
 
 class PromptedDataset(Dataset):
@@ -51,9 +51,7 @@ class PromptedDataset(Dataset):
         # (source index, class id) pairs: the objects big enough to prompt
         self.pairs: list[tuple[int, int]] = []
         for index in range(len(source)):
-            label = source.load_label(index)
-            ids, counts = np.unique(label, return_counts=True)
-            for class_id, count in zip(ids.tolist(), counts.tolist()):
+            for class_id, count in sorted(source.slice_classes(index).items()):
                 if class_id in self.class_names and count >= min_pixels:
                     self.pairs.append((index, class_id))
         self._draws = 0
