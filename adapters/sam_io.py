@@ -1,7 +1,8 @@
-"""Running a (LoRA-wrapped) transformers SamModel on prompted batches, and mapping its masks back.
+"""Running a (LoRA-wrapped) transformers SamModel on prompted batches, and mapping masks back.
 
-The trainer goes through ``SamModel.forward`` with gradients on (transformers' forward has no
-``no_grad``), single-mask output for box prompts as SAM does for unambiguous prompts.
+The image encoder runs once per image (``encode_images``, with gradients when LoRA or full
+training needs them: transformers' ``get_image_embeddings`` is wrapped in no_grad); the prompt
+encoder and mask decoder run once per prompt round on those embeddings (``decode_prompts``).
 """
 
 from __future__ import annotations
@@ -10,14 +11,39 @@ import torch
 import torch.nn.functional as F
 
 
-def predict_low_res(model, pixel_values: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """B×3×S×S images, B×1×4 xyxy boxes (input px) -> B×1×s×s low-res mask logits (s = S/4·grid/…)."""
-    out = model(pixel_values=pixel_values, input_boxes=boxes, multimask_output=False)
-    return out.pred_masks[:, 0]  # B×1(box)×1(mask)×s×s -> B×1×s×s
+def encode_images(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """B×3×S×S normalised images -> B×C×g×g image embeddings."""
+    return model.vision_encoder(pixel_values)[0]
+
+
+def decode_prompts(
+    model,
+    image_embeddings: torch.Tensor,
+    boxes: torch.Tensor | None = None,
+    points: torch.Tensor | None = None,
+    point_labels: torch.Tensor | None = None,
+    mask_inputs: torch.Tensor | None = None,
+    multimask_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt per embedding row.
+
+    ``image_embeddings`` N×C×g×g; ``boxes`` N×4 xyxy; ``points`` N×K×2 (x, y) with ``point_labels``
+    N×K (1, 0, -1 padding); ``mask_inputs`` N×1×4g×4g low-res logits; coordinates in input px.
+    Returns N×M×4g×4g low-res mask logits and N×M IoU predictions (M = 3 with multimask, else 1).
+    """
+    out = model(
+        image_embeddings=image_embeddings,
+        input_boxes=boxes[:, None] if boxes is not None else None,
+        input_points=points[:, None] if points is not None and points.shape[1] else None,
+        input_labels=point_labels[:, None] if points is not None and points.shape[1] else None,
+        input_masks=mask_inputs,
+        multimask_output=multimask_output,
+    )
+    return out.pred_masks[:, 0], out.iou_scores[:, 0]
 
 
 def upscale_logits(low_res: torch.Tensor, image_size: int) -> torch.Tensor:
-    """B×1×s×s -> B×1×S×S logits in the padded input frame."""
+    """N×M×s×s -> N×M×S×S logits in the padded input frame."""
     return F.interpolate(low_res, size=(image_size, image_size), mode="bilinear", align_corners=False)
 
 

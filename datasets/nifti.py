@@ -1,20 +1,37 @@
-"""NIfTI volumes as users have them: nnU-Net v2 raw datasets and Medical Segmentation Decathlon tasks.
+"""NIfTI volumes as users have them: nnU-Net v2 raw datasets, Medical Segmentation Decathlon tasks,
+and plain ``images/`` + ``labels/`` folders; served as axial slices from the preprocessing cache.
 
-Volumes are reoriented to the closest canonical (RAS+) orientation and sliced axially; CT
-intensities are clipped to a Hounsfield window and scaled to 0-255, each slice repeated to three
-channels (MedSAM's convention). Cases are split into train/val at the patient level.
+Layouts (``data.root``):
+- nnU-Net v2: ``dataset.json`` (``labels`` name -> int, ``file_ending``), ``imagesTr/{case}_{XXXX}``
+  (one file per channel; ``data.channel`` picks ``XXXX``), ``labelsTr/{case}``;
+- MSD: ``dataset.json`` (``labels`` int -> name, ``training`` list), images possibly 4D with
+  the modalities on the 4th axis (``data.channel`` picks one);
+- plain folders: ``images/`` (or ``imagesTr/``) and ``labels/`` (or ``labelsTr/``), matched by
+  case name (``{case}.nii.gz`` or ``{case}_0000.nii.gz`` for the image); class names from
+  ``data.class_names`` or ``class_<k>`` for each label value found.
+
+Slices are canonical (RAS+) axial planes, intensities mapped to 0-255 (see ``volume.py``); each
+slice is an RGB image: the slice repeated, or with ``context_slices`` = k the slices z-k, z, z+k
+(clamped at the ends) as the three channels (2.5D).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from samtune import SamtuneError
+from samtune.datasets.cache import CachedCase, VolumeSettings, prepare_cases
+from samtune.datasets.checks import BadCase, handle_bad, list_data_files
+from samtune.datasets.splits import split_by_fraction
+from samtune.datasets.volume import IGNORE_INDEX, read_case, scale_to_unit_range
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass(frozen=True)
@@ -22,127 +39,254 @@ class Case:
     name: str
     image: Path
     label: Path
+    channel: int = 0  # index on the 4th axis when the image is 4D (MSD multi-modal)
+
+
+@dataclass
+class NiftiDataset:
+    """What a dataset folder holds: its cases, classes (label value -> name, None = from the labels)."""
+
+    root: Path
+    layout: str  # "nnunet_v2" | "msd" | "folders"
+    cases: list[Case]
+    classes: dict[int, str] | None
+    channel_names: dict[int, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # files ignored
+    skipped: list[dict] = field(default_factory=list)  # bad cases found while listing (skip mode)
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SamtuneError(f"{path}: not valid JSON ({exc}).") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
+        raise SamtuneError(f"{path}: no 'labels' mapping (nnU-Net v2: name -> int; MSD: \"1\" -> name).")
+    return meta
+
+
+def _check_channel(channel: int, names: dict[int, str], where: Path) -> None:
+    if names and channel not in names:
+        listed = ", ".join(f"{k}: {v}" for k, v in sorted(names.items()))
+        raise SamtuneError(f"data.channel={channel}: {where} has channels {listed}; choose one of them.")
+
+
+def _nnunet(root: Path, meta: dict, channel: int, ds: NiftiDataset, on_bad: str) -> None:
+    ending = meta.get("file_ending", ".nii.gz")
+    classes = {}
+    for name, value in meta["labels"].items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SamtuneError(
+                f"{root / 'dataset.json'}: label {name!r} has value {value!r}; samtune reads integer labels "
+                "(nnU-Net region-based labels are not supported)."
+            )
+        if value != 0:
+            classes[value] = name
+    ds.classes = classes
+    ds.channel_names = {int(k): str(v) for k, v in (meta.get("channel_names") or meta.get("modality") or {}).items()}
+    _check_channel(channel, ds.channel_names, root / "dataset.json")
+    if not (root / "imagesTr").is_dir():
+        raise SamtuneError(f"{root / 'imagesTr'}: no such folder; an nnU-Net v2 dataset keeps its training images there.")
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
+    images, bad = list_data_files(root / "imagesTr", (ending.lower(),), "NIfTI image", ds.notes)
+    for path in images:
+        if not pattern.match(path.name):
+            bad.append(BadCase(None, path, f"not named {{case}}_XXXX{ending} (XXXX = 4-digit channel)", "rename it or move it out of imagesTr/"))
+    for b in bad:
+        handle_bad(b, on_bad, ds.skipped)
+    names = sorted({m.group(1) for m in map(pattern.match, (p.name for p in images)) if m})
+    for name in names:
+        image = root / "imagesTr" / f"{name}_{channel:04d}{ending}"
+        label = root / "labelsTr" / f"{name}{ending}"
+        problem = next((p for p in (image, label) if not p.is_file()), None)
+        if problem is not None:
+            handle_bad(BadCase(name, problem, "the file is missing", "every image needs its label file (and each channel file)"), on_bad, ds.skipped)
+            continue
+        ds.cases.append(Case(name, image, label))
+
+
+def _msd(root: Path, meta: dict, channel: int, ds: NiftiDataset, on_bad: str) -> None:
+    try:
+        ds.classes = {int(k): str(v) for k, v in meta["labels"].items() if int(k) != 0}
+    except ValueError:
+        raise SamtuneError(f"{root / 'dataset.json'}: MSD 'labels' keys must be integers as strings (\"1\": \"liver\").") from None
+    ds.channel_names = {int(k): str(v) for k, v in (meta.get("modality") or {}).items()}
+    _check_channel(channel, ds.channel_names, root / "dataset.json")
+    for folder in ("imagesTr", "labelsTr"):  # the list is authoritative: other files only get notes
+        if (root / folder).is_dir():
+            ds.notes.extend(f"{p}: ignored (macOS resource fork)" for p in sorted((root / folder).glob("._*")))
+    for entry in meta["training"]:
+        image, label = (root / entry["image"]).resolve(), (root / entry["label"]).resolve()
+        name = _strip_suffix(image.name)
+        problem = next((p for p in (image, label) if not p.is_file()), None)
+        if problem is not None:
+            handle_bad(BadCase(name, problem, "the file is missing", "every image needs its label file; fix dataset.json's training list"), on_bad, ds.skipped)
+            continue
+        ds.cases.append(Case(name, image, label, channel))
+
+
+def _folders(root: Path, image_dir: Path, label_dir: Path, channel: int, ds: NiftiDataset, on_bad: str) -> None:
+    images, bad = list_data_files(image_dir, NIFTI_SUFFIXES, "NIfTI image", ds.notes)
+    labels, bad_labels = list_data_files(label_dir, NIFTI_SUFFIXES, "NIfTI label", ds.notes)
+    for b in bad + bad_labels:
+        handle_bad(b, on_bad, ds.skipped)
+    label_by_name = {_strip_suffix(p.name): p for p in labels}
+    used = set()
+    for path in images:
+        stem = _strip_suffix(path.name)
+        m = re.match(r"^(.+)_(\d{4})$", stem)
+        if stem in label_by_name:
+            name, index = stem, channel  # one file per case, possibly 4D
+        elif m and m.group(1) in label_by_name:  # nnU-Net-style channel files
+            if int(m.group(2)) != channel:
+                continue
+            name, index = m.group(1), 0
+        else:
+            handle_bad(BadCase(stem, path, f"no label file {label_dir.name}/{stem}.nii.gz for this image", "add the label or move the image out"), on_bad, ds.skipped)
+            continue
+        used.add(name)
+        ds.cases.append(Case(name, path, label_by_name[name], index))
+    ds.notes.extend(f"{p}: ignored (a label without an image)" for n, p in sorted(label_by_name.items()) if n not in used)
+
+
+def discover_dataset(
+    root: str | Path, channel: int = 0, class_names: dict[int, str] | None = None, on_bad_case: str = "error"
+) -> NiftiDataset:
+    """Recognise the layout of ``root`` and list its cases; bad files raise or (skip) are recorded."""
+    root = Path(root)
+    ds = NiftiDataset(root, "", [], None)
+    meta_path = root / "dataset.json"
+    pairs = [(root / a, root / b) for a, b in (("imagesTr", "labelsTr"), ("images", "labels"))]
+    plain = next(((i, l) for i, l in pairs if i.is_dir() and l.is_dir()), None)
+    if meta_path.is_file():
+        meta = _read_meta(meta_path)
+        if "training" in meta:
+            ds.layout = "msd"
+            _msd(root, meta, channel, ds, on_bad_case)
+        else:
+            ds.layout = "nnunet_v2"
+            _nnunet(root, meta, channel, ds, on_bad_case)
+    elif plain is not None:
+        ds.layout = "folders"
+        _folders(root, *plain, channel, ds, on_bad_case)
+    else:
+        raise SamtuneError(
+            f"{meta_path}: missing, and no images/ + labels/ folders. data.root must be an nnU-Net v2 dataset "
+            "(DatasetXXX_Name/), an MSD task (TaskXX_Name/) folder holding dataset.json, imagesTr/ and labelsTr/, "
+            "or a folder with images/ and labels/ NIfTI files matched by case name."
+        )
+    if class_names:
+        bad = [k for k in class_names if not 0 < int(k) < IGNORE_INDEX]
+        if bad:
+            raise SamtuneError(f"data.class_names: label values {bad} must be 1..254 (0 is background, 255 ignored).")
+        ds.classes = {int(k): str(v) for k, v in class_names.items()}
+    if ds.classes is not None:
+        bad = [k for k in ds.classes if not 0 < k < IGNORE_INDEX]
+        if bad:
+            raise SamtuneError(f"{meta_path}: label values {bad} are outside 1..254, which samtune stores as uint8 (255 = ignored).")
+    if not ds.cases and not ds.skipped:
+        raise SamtuneError(f"{root}: dataset found ({ds.layout}) but no training cases in it.")
+    return ds
 
 
 def read_dataset(root: str | Path) -> tuple[list[Case], dict[int, str]]:
-    """Cases and foreground classes (label value -> name) of an nnU-Net v2 or MSD dataset folder."""
-    root = Path(root)
-    meta_path = root / "dataset.json"
-    if not meta_path.is_file():
-        raise SamtuneError(
-            f"{meta_path}: missing. data.root must be an nnU-Net v2 dataset (DatasetXXX_Name/) or an "
-            "MSD task (TaskXX_Name/) folder holding dataset.json, imagesTr/ and labelsTr/."
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SamtuneError(f"{meta_path}: not valid JSON ({exc}).") from None
-    labels = meta.get("labels")
-    if not isinstance(labels, dict):
-        raise SamtuneError(f"{meta_path}: no 'labels' mapping.")
-    if "training" in meta:  # MSD: labels int-as-string -> name, explicit training list
-        classes = {int(k): v for k, v in labels.items() if int(k) != 0}
-        cases = []
-        for entry in meta["training"]:
-            image = (root / entry["image"]).resolve()
-            cases.append(Case(image.name.split(".")[0], image, (root / entry["label"]).resolve()))
-    else:  # nnU-Net v2: labels name -> int, files {case}_0000{file_ending}
-        ending = meta.get("file_ending", ".nii.gz")
-        classes = {}
-        for name, value in labels.items():
-            if not isinstance(value, int):
-                raise SamtuneError(
-                    f"{meta_path}: label {name!r} has value {value!r}; samtune reads integer labels "
-                    "(nnU-Net region-based labels are not supported)."
-                )
-            if value != 0:
-                classes[value] = name
-        cases = []
-        for image in sorted((root / "imagesTr").glob(f"*_0000{ending}")):
-            if image.name.startswith("._"):  # macOS resource forks
-                continue
-            name = image.name[: -len(f"_0000{ending}")]
-            cases.append(Case(name, image, root / "labelsTr" / f"{name}{ending}"))
-    if not cases:
-        raise SamtuneError(f"{root}: dataset.json found but no training cases in imagesTr/.")
-    for case in cases:
-        for path in (case.image, case.label):
-            if not path.is_file():
-                raise SamtuneError(f"case {case.name}: {path} is missing; every image needs its label file.")
-    return cases, classes
+    """Cases and foreground classes (label value -> name) of a dataset folder (errors on bad files)."""
+    ds = discover_dataset(root)
+    return ds.cases, ds.classes
 
 
 def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
     """Patient-level split: a seeded shuffle, at least one case on each side."""
-    if len(cases) < 2:
-        raise SamtuneError(f"need at least 2 cases to split into train and val, found {len(cases)}.")
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = min(len(cases) - 1, max(1, int(round(val_fraction * len(cases)))))
-    val = sorted((cases[i] for i in order[:n_val]), key=lambda c: c.name)
-    train = sorted((cases[i] for i in order[n_val:]), key=lambda c: c.name)
-    return train, val
+    return split_by_fraction(cases, val_fraction, seed, name=lambda c: c.name)
 
 
 def load_case(case: Case, window_hu: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Canonical (RAS+) image scaled to uint8 by the HU window, label as uint8, spacing in mm."""
-    try:
-        image_nii = nib.as_closest_canonical(nib.load(case.image))
-        label_nii = nib.as_closest_canonical(nib.load(case.label))
-        image = image_nii.get_fdata(dtype=np.float32)
-        label = np.asarray(label_nii.dataobj)
-    except Exception as exc:  # nibabel raises many types for truncated or corrupt files
-        raise SamtuneError(f"case {case.name}: cannot read {case.image} / {case.label}: {exc}") from None
-    if image.ndim != 3 or label.shape != image.shape:
-        raise SamtuneError(
-            f"case {case.name}: image {case.image} has shape {image.shape} but label {case.label} has "
-            f"shape {label.shape}; both must be the same 3D grid."
-        )
-    if not np.allclose(image_nii.affine, label_nii.affine, atol=1e-3):
-        raise SamtuneError(f"case {case.name}: image and label affines differ; resample the label onto the image grid.")
-    lo, hi = window_hu
-    scaled = (np.clip(image, lo, hi) - lo) * (255.0 / (hi - lo))
-    spacing = tuple(float(s) for s in image_nii.header.get_zooms()[:3])
-    return np.round(scaled).astype(np.uint8), np.round(label).astype(np.uint8), spacing
+    """Canonical (RAS+) X×Y×Z image scaled to uint8 by the HU window, label as uint8, spacing in mm
+    (no cache; what the cache stores, before the display layout)."""
+    raw = read_case(case.name, case.image, case.label, case.channel)
+    return np.round(scale_to_unit_range(raw.image, window_hu)).astype(np.uint8), raw.label, raw.spacing_mm
 
 
 class NiftiSliceSource:
-    """Axial slices of the given cases, held in memory (volumes are read once)."""
+    """Axial slices of the given cases, from the preprocessing cache (``cache_dir``) or, without
+    one, preprocessed into memory. ``empty_slice_ratio``: slices without any ``foreground`` class
+    kept per foreground slice of each case (seeded); None keeps every slice."""
 
-    ignore_index = 255
+    ignore_index = IGNORE_INDEX
 
-    def __init__(self, cases: list[Case], classes: dict[int, str], window_hu: tuple[float, float]):
+    def __init__(
+        self,
+        cases: list[Case],
+        classes: dict[int, str] | None,
+        intensity: str | tuple[float, float] = (-160.0, 240.0),
+        *,
+        spacing_mm: tuple[float, float] | None = None,
+        cache_dir: str | Path | None = None,
+        context_slices: int = 0,
+        empty_slice_ratio: float | None = None,
+        foreground: set[int] | None = None,
+        seed: int = 0,
+        on_bad_case: str = "error",
+        progress: bool = False,
+        desc: str = "preprocessing",
+    ):
+        settings = VolumeSettings(intensity, spacing_mm, tuple(sorted(classes)) if classes is not None else None)
+        cache = Path(cache_dir) if cache_dir is not None else None
+        self.cases, self.skipped = prepare_cases(cases, settings, cache, on_bad_case, progress, desc)
+        if classes is None:  # plain folders without class names: every value found is a class
+            found = sorted({int(v) for c in self.cases for v in c.meta["voxels"]})
+            classes = {v: f"class_{v}" for v in found}
         self.class_names = dict(classes)
-        self.slices: list[tuple[str, int]] = []
-        self.volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.spacing_mm: dict[str, tuple[float, ...]] = {}
-        for case in cases:
-            image, label, spacing = load_case(case, window_hu)
-            self.volumes[case.name] = (image, label)
-            self.spacing_mm[case.name] = spacing
-            self.slices.extend((case.name, z) for z in range(image.shape[2]))
+        self.context_slices = int(context_slices)
+        self.spacing_mm = {c.name: tuple(c.meta["spacing_mm"]) for c in self.cases}
+        wanted = {str(k) for k in (foreground if foreground is not None else self.class_names)}
+        self.slices: list[tuple[int, int]] = []  # (case index, z)
+        for ci, case in enumerate(self.cases):
+            index = case.meta["slices"]
+            full = [z for z, entry in enumerate(index) if wanted & entry.keys()]
+            empty = [z for z, entry in enumerate(index) if not wanted & entry.keys()]
+            if empty_slice_ratio is not None:
+                n_keep = min(len(empty), int(round(empty_slice_ratio * len(full))))
+                rng = np.random.default_rng([seed, zlib.crc32(case.name.encode())])
+                empty = sorted(rng.choice(empty, n_keep, replace=False).tolist()) if n_keep else []
+            self.slices.extend((ci, z) for z in sorted(full + empty))
 
     def __len__(self) -> int:
         return len(self.slices)
 
     def item_id(self, index: int) -> str:
-        case, z = self.slices[index]
-        return f"{case}/z{z:03d}"
-
-    @staticmethod
-    def _to_display(plane: np.ndarray) -> np.ndarray:
-        # canonical x (R) × y (A) plane -> rows anterior-to-posterior, columns left-to-right
-        return np.ascontiguousarray(plane.T[::-1])
-
-    def load_label(self, index: int) -> np.ndarray:
-        case, z = self.slices[index]
-        return self._to_display(self.volumes[case][1][:, :, z])
+        ci, z = self.slices[index]
+        return f"{self.cases[ci].name}/z{z:03d}"
 
     def slice_classes(self, index: int) -> dict[int, int]:
-        ids, counts = np.unique(self.load_label(index), return_counts=True)
-        return dict(zip(ids.tolist(), counts.tolist()))
+        ci, z = self.slices[index]
+        return {int(k): v[0] for k, v in self.cases[ci].meta["slices"][z].items()}
+
+    def slice_components(self, index: int) -> dict[int, list[int]]:
+        """Class id -> sizes (px) of its 8-connected components in this slice, largest first."""
+        ci, z = self.slices[index]
+        return {int(k): list(v[1]) for k, v in self.cases[ci].meta["slices"][z].items()}
+
+    def load_label(self, index: int) -> np.ndarray:
+        ci, z = self.slices[index]
+        return np.array(self.cases[ci].label[z])
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        case, z = self.slices[index]
-        image, label = self.volumes[case]
-        plane = self._to_display(image[:, :, z])
-        return np.repeat(plane[:, :, None], 3, axis=2), self._to_display(label[:, :, z])
+        """H×W×3 uint8 RGB (slice repeated, or neighbours z-k, z, z+k) and the H×W uint8 label."""
+        ci, z = self.slices[index]
+        case = self.cases[ci]
+        volume = case.image
+        k = self.context_slices
+        if k:
+            last = volume.shape[0] - 1
+            image = np.stack([volume[max(z - k, 0)], volume[z], volume[min(z + k, last)]], axis=-1)
+        else:
+            image = np.repeat(volume[z][:, :, None], 3, axis=2)
+        return image, np.array(case.label[z])

@@ -1,21 +1,23 @@
-"""One prompted sample per (image or slice, class present) pair, ready for SAM.
+"""Prompted samples for SAM from any source of 2D images with label maps.
 
-Training samples draw a fresh box jitter on every access; evaluation samples are seeded by their
-index, so every evaluation (before and after fine-tuning, and ``samtune evaluate``) sees the same
-prompts.
+Training: one sample = one image with ``per_image`` objects drawn from the objects it holds
+(classes, or connected components of classes), fresh augmentation and prompt jitter on every
+access. Evaluation: one sample per (image, object), prompts seeded by the sample index, so every
+evaluation (before and after fine-tuning, and ``samtune evaluate``) sees the same prompts.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from samtune.datasets import sample as S
-from samtune.datasets.prompts import sample_box
-from samtune.datasets.transforms import check_image_range, make_sam_transform
+from samtune.datasets.prompts import PromptSettings, sample_box, sample_points, split_objects
+from samtune.datasets.transforms import check_image_range, make_sam_transform, resized_shape
 
 
 class SliceSource(Protocol):
@@ -35,64 +37,128 @@ class PromptedDataset(Dataset):
         self,
         source: SliceSource,
         image_size: int,
-        box_jitter_px: float,
+        prompts: PromptSettings,
         min_pixels: int,
         training: bool,
         seed: int,
         classes: list[str] | None = None,
+        per_image: int = 1,
+        augment: A.Compose | None = None,
     ):
         self.source = source
+        self.image_size = image_size
+        self.prompts = prompts
+        self.min_pixels = min_pixels
         self.training = training
         self.seed = seed
-        self.box_jitter_px = box_jitter_px
+        self.per_image = per_image if training else 1
+        self.augment = augment if training else None
         self.transform = make_sam_transform(image_size)
         wanted = set(classes) if classes else None
         self.class_names = {k: v for k, v in source.class_names.items() if wanted is None or v in wanted}
-        # (source index, class id) pairs: the objects big enough to prompt
-        self.pairs: list[tuple[int, int]] = []
+        # (source index, class id, component rank) triples: the objects big enough to prompt.
+        # Components are counted from the label here only for evaluation in per-component mode.
+        self.pairs: list[tuple[int, int, int]] = []
         for index in range(len(source)):
             for class_id, count in sorted(source.slice_classes(index).items()):
-                if class_id in self.class_names and count >= min_pixels:
-                    self.pairs.append((index, class_id))
+                if class_id not in self.class_names or count < min_pixels:
+                    continue
+                if prompts.per == "component" and not training:
+                    label = source.load(index)[1]
+                    n = sum(int(o.sum()) >= min_pixels for o in split_objects(label == class_id, "component"))
+                    self.pairs.extend((index, class_id, k) for k in range(n))
+                else:
+                    self.pairs.append((index, class_id, 0))
+        if training:  # training samples are images; each lists the classes it can prompt
+            by_image: dict[int, list[int]] = {}
+            for index, class_id, _ in self.pairs:
+                by_image.setdefault(index, []).append(class_id)
+            self.images = sorted(by_image.items())
         self._draws = 0
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.images) if self.training else len(self.pairs)
 
     def _rng(self, k: int) -> np.random.Generator:
         if not self.training:
             return np.random.default_rng([self.seed, k])
-        self._draws += 1  # a new jitter on each access; worker processes differ by torch's seed
+        self._draws += 1  # new jitter on each access; DataLoader workers differ by torch's seed
         return np.random.default_rng([self.seed, k, self._draws, torch.initial_seed() % 2**32])
 
     def __getitem__(self, k: int) -> dict:
-        index, class_id = self.pairs[k]
+        rng = self._rng(k)
+        if self.training:
+            index, class_ids = self.images[k]
+        else:
+            index, class_id, component = self.pairs[k]
         image, label = self.source.load(index)
-        check_image_range(image, self.source.item_id(index))
-        target = label == class_id
-        out = self.transform(image=image, mask=target.astype(np.uint8))
-        mask = out["mask"].astype(bool)
-        h, w = image.shape[:2]
-        scale = self.transform.transforms[0].max_size / max(h, w)
-        resized = (int(round(h * scale)), int(round(w * scale)))
-        if not mask.any():  # object lost by resizing: prompt with the scaled original box instead
-            ys, xs = np.nonzero(target)
-            mask = np.zeros_like(mask)
-            mask[int(ys.min() * scale) : int(ys.max() * scale) + 1, int(xs.min() * scale) : int(xs.max() * scale) + 1] = True
-        box = sample_box(mask, self.box_jitter_px, self._rng(k))
+        item = self.source.item_id(index)
+        check_image_range(image, item)
+        original = image.shape[:2]
+        if self.augment is not None:
+            out = self.augment(image=image, mask=label)
+            image, label = out["image"], out["mask"]
+        out = self.transform(image=image, mask=label)
+        resized_label = out["mask"]
+        objects: list[tuple[int, np.ndarray]] = []
+        if self.training:
+            present = [c for c in class_ids if np.count_nonzero(resized_label == c)]
+            if not present and self.augment is not None:  # augmentation removed every object
+                return self._fallback(k)
+            for class_id in rng.choice(present or class_ids, size=self.per_image):
+                if present:
+                    candidates = split_objects(resized_label == class_id, self.prompts.per)
+                    objects.append((int(class_id), candidates[rng.integers(len(candidates))]))
+                else:  # every object is under a pixel after resizing
+                    objects.append((int(class_id), self._scaled_box_mask(label == class_id, original)))
+        else:
+            candidates = split_objects(resized_label == class_id, self.prompts.per)
+            if candidates[0].any():
+                objects.append((class_id, candidates[min(component, len(candidates) - 1)]))
+            else:  # smaller than one pixel after resizing: prompt with the scaled original box
+                objects.append((class_id, self._scaled_box_mask(label == class_id, original)))
+        boxes, points, labels = [], [], []
+        resized = resized_shape(original, self.image_size)
+        for _, mask in objects:
+            box = sample_box(mask, self.prompts.box_jitter_px, rng, self.prompts.box_jitter_frac, resized)
+            p, l = sample_points(
+                mask, box, self.prompts.positive_points, self.prompts.negative_points, self.prompts.point_placement,
+                rng, resized,
+            )  # fmt: skip
+            boxes.append(box), points.append(p), labels.append(l)
         meta = {
-            "item": self.source.item_id(index),
-            "class_id": class_id,
-            "class_name": self.class_names[class_id],
-            "original_size": (h, w),
+            "item": item,
+            "class_ids": [c for c, _ in objects],
+            "class_names": [self.class_names[c] for c, _ in objects],
+            "original_size": original,
             "resized_size": resized,
         }
         if not self.training:
-            meta["target"] = target
+            if self.prompts.per == "component":
+                target = split_objects(label == class_id, "component")[component]
+            else:
+                target = label == class_id
+            meta["targets"] = [target]
             meta["ignore"] = label == self.source.ignore_index
         return {
             S.IMAGE: torch.from_numpy(out["image"].transpose(2, 0, 1).copy()),
-            S.MASK: torch.from_numpy(mask[None].astype(np.float32)),
-            S.BOXES: torch.from_numpy(box[None]),
+            S.MASKS: torch.from_numpy(np.stack([m for _, m in objects]).astype(np.float32)),
+            S.BOXES: torch.from_numpy(np.stack(boxes)),
+            S.POINTS: torch.from_numpy(np.stack(points)),
+            S.POINT_LABELS: torch.from_numpy(np.stack(labels)),
             S.META: meta,
         }
+
+    def _fallback(self, k: int) -> dict:
+        augment, self.augment = self.augment, None
+        try:
+            return self[k]
+        finally:
+            self.augment = augment
+
+    def _scaled_box_mask(self, target: np.ndarray, original: tuple[int, int]) -> np.ndarray:
+        scale = self.image_size / max(original)
+        ys, xs = np.nonzero(target)
+        mask = np.zeros((self.image_size, self.image_size), bool)
+        mask[int(ys.min() * scale) : int(ys.max() * scale) + 1, int(xs.min() * scale) : int(xs.max() * scale) + 1] = True
+        return mask

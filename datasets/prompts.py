@@ -1,13 +1,37 @@
-"""Prompts sampled from the ground truth.
+"""Prompts sampled from the ground truth, one configuration for training and evaluation.
 
-Boxes follow MedSAM's convention (Ma et al., 2024): the tight box around the object with each
-edge moved outward by a uniform random 0..jitter_px pixels (in the model's input frame), clipped
-to the image.
+- Boxes (MedSAM, Ma et al., 2024): the tight box with each edge moved outward by uniform
+  0..jitter_px pixels, or by 0..jitter_frac of the box's width/height, clipped to the image.
+- Points: k positive points inside the object and m negative points outside it but inside its box
+  (where the confusable context is); positives uniform or at the object's centre (maximum of the
+  distance transform, as micro-sam and SAM-Med2D place a first click).
+- Corrective clicks (SAM paper, Kirillov et al., 2023): one point per round, uniform from the
+  error region of the previous prediction; a false-negative pixel gives a positive click, a
+  false-positive pixel a negative one. Done on the trainer's tensors (``sample_error_clicks``).
+
+Coordinates are (x, y) in the model's input frame (after the longest-side resize), xyxy for boxes.
+Point labels follow SAM: 1 positive, 0 negative, -1 padding ("not a point").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
+from scipy import ndimage
+
+PAD_LABEL = -1
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    per: str = "class"  # "class": all pixels of a class are one object; "component": each connected component
+    box_jitter_px: float = 5.0
+    box_jitter_frac: float = 0.0
+    positive_points: int = 1
+    negative_points: int = 0
+    point_placement: str = "uniform"  # "uniform" | "center"
 
 
 def box_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -18,10 +42,98 @@ def box_from_mask(mask: np.ndarray) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
 
 
-def sample_box(mask: np.ndarray, jitter_px: float, rng: np.random.Generator) -> np.ndarray:
-    """Box around ``mask`` with each edge moved outward by U(0, jitter_px), clipped to the image."""
+def sample_box(
+    mask: np.ndarray,
+    jitter_px: float,
+    rng: np.random.Generator,
+    jitter_frac: float = 0.0,
+    image_hw: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Box around ``mask`` with each edge moved outward by U(0, jitter), clipped to the image
+    (``image_hw``: its resized size inside a padded mask; default the mask's own shape)."""
     box = box_from_mask(mask)
-    if jitter_px > 0:
-        box = box + np.array([-1, -1, 1, 1], np.float32) * rng.uniform(0, jitter_px, 4).astype(np.float32)
-    h, w = mask.shape
+    limit = np.full(4, jitter_px, np.float32)
+    if jitter_frac > 0:
+        w, h = box[2] - box[0], box[3] - box[1]
+        limit = np.maximum(limit, jitter_frac * np.array([w, h, w, h], np.float32))
+    if np.any(limit > 0):
+        box = box + np.array([-1, -1, 1, 1], np.float32) * (rng.uniform(0, 1, 4) * limit).astype(np.float32)
+    h, w = image_hw or mask.shape
     return np.clip(box, 0, [w, h, w, h]).astype(np.float32)
+
+
+def sample_points(
+    mask: np.ndarray,
+    box: np.ndarray,
+    positives: int,
+    negatives: int,
+    placement: str,
+    rng: np.random.Generator,
+    image_hw: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positives+negatives)×2 float32 (x, y) points and their labels; missing ones padded (-1).
+
+    Positives lie inside ``mask``; negatives outside it within ``box`` (or anywhere outside the
+    mask when the box holds no background).
+    """
+    n = positives + negatives
+    points = np.zeros((n, 2), np.float32)
+    labels = np.full(n, PAD_LABEL, np.int64)
+    inside = np.argwhere(mask)  # K×2 (y, x)
+    for i in range(positives):
+        if inside.size == 0:
+            break
+        if placement == "center" and i == 0:
+            distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+            y, x = np.unravel_index(int(np.argmax(distance)), mask.shape)
+        else:
+            y, x = inside[rng.integers(len(inside))]
+        points[i], labels[i] = (x, y), 1
+    if negatives:
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        region = np.zeros_like(mask)
+        region[y0:y1, x0:x1] = True
+        outside = np.argwhere(region & ~mask)
+        if outside.size == 0:  # the box holds no background: anywhere in the image outside the object
+            image = np.zeros_like(mask)
+            h, w = image_hw or mask.shape
+            image[:h, :w] = True
+            outside = np.argwhere(image & ~mask)
+        for i in range(positives, n):
+            if outside.size == 0:
+                break
+            y, x = outside[rng.integers(len(outside))]
+            points[i], labels[i] = (x, y), 0
+    return points, labels
+
+
+def split_objects(class_mask: np.ndarray, per: str) -> list[np.ndarray]:
+    """One class's H×W mask -> the objects to prompt: itself, or its connected components
+    (8-connectivity), largest first."""
+    if per == "class":
+        return [class_mask]
+    components, count = ndimage.label(class_mask, structure=np.ones((3, 3), bool))
+    sizes = ndimage.sum_labels(class_mask, components, index=np.arange(1, count + 1))
+    return [components == k + 1 for k in np.argsort(-sizes, kind="stable")]
+
+
+def sample_error_clicks(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One corrective click per mask from the error region of the previous prediction.
+
+    ``pred``, ``target``, ``valid``: N×H×W bool (``valid`` excludes the padding). Returns N×1×2
+    float (x, y) points and N×1 labels: 1 on a false negative, 0 on a false positive, -1 (padding,
+    no click) where the prediction has no error.
+    """
+    false_negative = target & ~pred & valid
+    error = (false_negative | (pred & ~target & valid)).flatten(1)
+    has_error = error.any(dim=1)
+    weights = error.float()
+    weights[~has_error] = 1.0  # multinomial needs mass; these rows become padding clicks
+    flat = torch.multinomial(weights.cpu(), 1, generator=generator).to(pred.device)  # N×1
+    width = pred.shape[-1]
+    points = torch.stack([flat % width, flat // width], dim=-1).float()  # N×1×2 (x, y)
+    labels = false_negative.flatten(1).gather(1, flat).long()  # 1 = FN, 0 = FP
+    labels[~has_error] = PAD_LABEL
+    return points, labels

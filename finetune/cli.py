@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (hf, onnx) or .pth file (sam-pth)")
     p.add_argument("--recipe", type=Path, default=None, help="recipe that built the base model (default: CHECKPOINT/recipe.yaml)")
 
+    p = sub.add_parser(
+        "inspect",
+        help="report what the recipe's data holds (cases, slices, classes, spacing) and every problem",
+        description="Read the recipe's dataset as training would (filling the NIfTI preprocessing cache), print "
+        "cases/images, slices, classes with voxel (pixel) counts, spacing and orientation, and every problem "
+        "(bad cases are listed, not fatal). Writes the report as JSON. Exit status 2 when there are problems.",
+    )
+    _add_recipe_args(p)
+    p.add_argument("--out", type=Path, default=None, help="JSON report to write (default: OUTPUT/inspect.json)")
+
     sub.add_parser("recipe-keys", help="print every recipe key with its default and meaning (Markdown)")
     return parser
 
@@ -107,6 +117,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "inspect":
+        from samtune.finetune.inspection import run_inspect
+
+        return run_inspect(recipe, args.out)
     if args.command == "validate":
         print(dump_recipe(recipe), end="")
         root = Path(recipe.data.root)

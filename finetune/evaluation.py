@@ -1,4 +1,5 @@
-"""Evaluation with box prompts from the ground truth: per-class IoU/Dice at the original resolution."""
+"""Evaluation with prompts from the ground truth: per-class IoU/Dice at the original resolution,
+after the initial prompt and after every corrective round."""
 
 from __future__ import annotations
 
@@ -6,24 +7,43 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from samtune.adapters.sam_io import logits_to_original, predict_low_res, upscale_logits
+from samtune.adapters.sam_io import logits_to_original
 from samtune.datasets import sample as S
 from samtune.datasets.prompted import PromptedDataset
+from samtune.finetune.interaction import RoundSettings, run_rounds
 from samtune.finetune.metrics import ClassIoUAccumulator
 
 
 @torch.no_grad()
-def evaluate(model, dataset: PromptedDataset, batch_size: int, device: torch.device, desc: str = "eval") -> dict:
+def evaluate(
+    model,
+    dataset: PromptedDataset,
+    batch_size: int,
+    device: torch.device,
+    rounds: RoundSettings = RoundSettings(),
+    use_box: bool = True,
+    seed: int = 0,
+    desc: str = "eval",
+) -> dict:
+    """Headline metrics are those after the last round; ``by_round`` lists mIoU per round."""
     was_training = model.training
     model.eval()
-    image_size = dataset.transform.transforms[0].max_size
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=S.collate_samples)
-    acc = ClassIoUAccumulator()
+    accumulators = [ClassIoUAccumulator() for _ in range(rounds.total)]
+    generator = torch.Generator().manual_seed(seed)  # corrective clicks: the same on every evaluation
     for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        low_res = predict_low_res(model, batch[S.IMAGE].to(device), batch[S.BOXES].to(device))
-        logits = upscale_logits(low_res, image_size).cpu()
-        for i, meta in enumerate(batch[S.META]):
-            pred = logits_to_original(logits[i], meta["resized_size"], meta["original_size"]) > 0
-            acc.add(meta["class_name"], pred.numpy(), meta["target"], meta.get("ignore"))
+        batch = {k: (v.to(device) if k != S.META else v) for k, v in batch.items()}
+        outputs, _ = run_rounds(model, batch, rounds, dataset.image_size, use_box, generator)
+        for round_logits, acc in zip(outputs, accumulators):
+            logits = round_logits.cpu()
+            for i, meta in enumerate(batch[S.META]):
+                pred = logits_to_original(logits[i], meta["resized_size"], meta["original_size"]) > 0
+                acc.add(meta["class_names"][0], pred.numpy(), meta["targets"][0], meta.get("ignore"))
     model.train(was_training)
-    return acc.result()
+    results = [acc.result() for acc in accumulators]
+    metrics = results[-1]
+    metrics["prompt"] = "box" if use_box else "points"
+    metrics["rounds"] = rounds.total
+    if rounds.total > 1:
+        metrics["by_round"] = [{"round": r, "miou": m["miou"], "mdice": m["mdice"]} for r, m in enumerate(results)]
+    return metrics

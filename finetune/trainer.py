@@ -22,11 +22,11 @@ from transformers import get_cosine_schedule_with_warmup
 from samtune import SamtuneError
 from samtune.adapters.lora import LoraSettings, count_parameters, prepare_trainable
 from samtune.adapters.registry import build_sam, get_variant
-from samtune.adapters.sam_io import predict_low_res, upscale_logits
 from samtune.datasets import sample as S
 from samtune.finetune.checkpoints import load_checkpoint, save_checkpoint
 from samtune.finetune.data import build_datasets
 from samtune.finetune.evaluation import evaluate
+from samtune.finetune.interaction import RoundSettings, run_rounds
 from samtune.finetune.losses import make_mask_loss
 from samtune.finetune.metrics import format_table
 from samtune.finetune.recipe import Recipe, dump_recipe
@@ -61,10 +61,22 @@ def build_base_model(recipe: Recipe):
     return model
 
 
+def round_settings(recipe: Recipe) -> RoundSettings:
+    p = recipe.prompts
+    return RoundSettings(p.corrective_rounds, p.mask_only_rounds, p.feed_mask)
+
+
 def lora_settings(recipe: Recipe) -> LoraSettings:
     lora = recipe.adapter.lora
     blocks = tuple(lora.blocks) if lora.blocks is not None else None
     return LoraSettings(lora.rank, lora.alpha, lora.dropout, lora.preset, lora.target_modules, blocks)
+
+
+def describe_prompts(recipe: Recipe) -> str:
+    p = recipe.prompts
+    first = "box" if p.box_probability >= 0.5 else f"{p.positive_points}+/{p.negative_points}- point"
+    rounds = f" + {p.corrective_rounds} corrective clicks" if p.corrective_rounds else ""
+    return f"{first} prompts from ground truth{rounds}, per {p.per}"
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -98,7 +110,13 @@ def train(recipe: Recipe) -> dict:
     )
 
     # LoRA's B starts at zero, the rest at the base weights: this is the model before fine-tuning.
-    baseline = evaluate(model, val_set, recipe.eval.batch_size, device, desc="eval (before)")
+    rounds = round_settings(recipe)
+    eval_box = recipe.prompts.box_probability >= 0.5
+
+    def run_eval(desc: str) -> dict:
+        return evaluate(model, val_set, recipe.eval.batch_size, device, rounds, eval_box, recipe.seed, desc)
+
+    baseline = run_eval("eval (before)")
     log.info("before fine-tuning: mIoU %.4f", baseline["miou"])
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -106,6 +124,8 @@ def train(recipe: Recipe) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.train.warmup_steps, recipe.train.steps)
     loss_fn = make_mask_loss(recipe.loss.dice_weight, recipe.loss.focal_weight)
     generator = torch.Generator().manual_seed(recipe.seed)
+    click_generator = torch.Generator().manual_seed(recipe.seed + 1)
+    prompt_rng = np.random.default_rng(recipe.seed)
     sampler = RandomSampler(train_set, replacement=True, num_samples=recipe.train.steps * recipe.train.batch_size, generator=generator)
     loader = DataLoader(
         train_set, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=S.collate_samples,
@@ -122,8 +142,9 @@ def train(recipe: Recipe) -> dict:
     model.train()
     progress = tqdm(loader, total=recipe.train.steps, desc="train", unit="step")
     for step, batch in enumerate(progress, start=1):
-        low_res = predict_low_res(model, batch[S.IMAGE].to(device), batch[S.BOXES].to(device))
-        loss = loss_fn(upscale_logits(low_res, image_size), batch[S.MASK].to(device))
+        batch = {k: (v.to(device) if k != S.META else v) for k, v in batch.items()}
+        use_box = bool(prompt_rng.random() < recipe.prompts.box_probability)
+        _, loss = run_rounds(model, batch, rounds, image_size, use_box, click_generator, loss_fn, recipe.loss.iou_weight)
         if not torch.isfinite(loss):
             raise SamtuneError(f"loss became {loss.item()} at step {step}; lower train.lr (now {recipe.train.lr}).")
         optimizer.zero_grad(set_to_none=True)
@@ -135,7 +156,7 @@ def train(recipe: Recipe) -> dict:
             writer.add_scalar("train/loss", loss.item(), step)
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
         if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
-            metrics = evaluate(model, val_set, recipe.eval.batch_size, device, desc=f"eval @ {step}")
+            metrics = run_eval(f"eval @ {step}")
             writer.add_scalar("val/miou", metrics["miou"], step)
             writer.add_scalar("val/mdice", metrics["mdice"], step)
             for name, c in metrics["per_class"].items():
@@ -163,7 +184,7 @@ def train(recipe: Recipe) -> dict:
         device=str(device),
     )
     write_json(out / "metrics.json", result)
-    print(format_table({"before fine-tuning": baseline, f"after {recipe.train.steps} steps": metrics}, title="validation, box prompts from ground truth"))
+    print(format_table({"before fine-tuning": baseline, f"after {recipe.train.steps} steps": metrics}, title=f"validation, {describe_prompts(recipe)}"))
     print(f"mIoU {baseline['miou']:.3f} -> {metrics['miou']:.3f} ({metrics['miou'] - baseline['miou']:+.3f}); files in {out}")
     return result
 
@@ -174,11 +195,13 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: str | Path, out_file: str | 
     device = resolve_device(recipe.train.device)
     _, val_set = build_datasets(recipe, image_size_of(recipe))
     model = load_checkpoint(checkpoint, lambda: build_base_model(recipe)).to(device)
-    metrics = evaluate(model, val_set, recipe.eval.batch_size, device)
+    metrics = evaluate(
+        model, val_set, recipe.eval.batch_size, device, round_settings(recipe), recipe.prompts.box_probability >= 0.5, recipe.seed
+    )
     metrics["checkpoint"] = str(checkpoint)
     out_path = Path(out_file) if out_file else Path(recipe.output.dir) / "eval" / "metrics.json"
     write_json(out_path, metrics)
-    print(format_table({Path(checkpoint).name: metrics}, title="validation, box prompts from ground truth"))
+    print(format_table({Path(checkpoint).name: metrics}, title=f"validation, {describe_prompts(recipe)}"))
     print(f"mIoU {metrics['miou']:.3f}; written to {out_path}")
     return metrics
 

@@ -1,0 +1,102 @@
+"""Prompt rounds on one batch, shared by training and evaluation.
+
+SAM's interactive training scheme (Kirillov et al., 2023): an initial box or point prompt, then
+``corrective_rounds`` rounds that each add one click sampled from the error region of the previous
+prediction, then ``mask_only_rounds`` rounds with no new click; from the second round on, the
+previous low-res logits are given as the mask prompt. A single initial click is ambiguous, so that
+round predicts three masks and only the best one (lowest loss in training, highest predicted IoU in
+evaluation) counts. The image encoder runs once per image; decoder rounds reuse its embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from samtune.adapters.sam_io import decode_prompts, encode_images, upscale_logits
+from samtune.datasets import sample as S
+from samtune.datasets.prompts import sample_error_clicks
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    corrective_rounds: int = 0
+    mask_only_rounds: int = 0
+    feed_mask: bool = True
+
+    @property
+    def total(self) -> int:
+        return 1 + self.corrective_rounds + self.mask_only_rounds
+
+
+def valid_region(meta: list[dict], per_image: int, image_size: int, device) -> torch.Tensor:
+    """(B·P)×S×S bool: the resized image area, without the padding."""
+    valid = torch.zeros(len(meta), image_size, image_size, dtype=torch.bool, device=device)
+    for i, m in enumerate(meta):
+        h, w = m["resized_size"]
+        valid[i, :h, :w] = True
+    return valid.repeat_interleave(per_image, 0)
+
+
+def mask_iou(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """N×S×S bool masks -> N IoU within ``valid`` (1 where both are empty)."""
+    inter = (pred & target & valid).flatten(1).sum(1).float()
+    union = ((pred | target) & valid).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def run_rounds(
+    model,
+    batch: dict,
+    settings: RoundSettings,
+    image_size: int,
+    use_box: bool,
+    generator: torch.Generator,
+    mask_loss=None,
+    iou_weight: float = 0.0,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Returns the chosen S×S logits of every round ((B·P)×1×S×S each) and, when ``mask_loss``
+    (reduction="none") is given, the loss averaged over rounds."""
+    device = batch[S.IMAGE].device
+    per_image = batch[S.MASKS].shape[1]
+    embeddings = encode_images(model, batch[S.IMAGE]).repeat_interleave(per_image, 0)
+    target = batch[S.MASKS].flatten(0, 1)[:, None]  # N×1×S×S
+    target_bool = target[:, 0] > 0.5
+    valid = valid_region(batch[S.META], per_image, image_size, device)
+    boxes = batch[S.BOXES].flatten(0, 1) if use_box else None
+    if use_box:
+        points = torch.zeros(len(target), 0, 2, device=device)
+        labels = torch.zeros(len(target), 0, dtype=torch.long, device=device)
+    else:
+        points, labels = batch[S.POINTS].flatten(0, 1), batch[S.POINT_LABELS].flatten(0, 1)
+    ambiguous = not use_box and points.shape[1] == 1
+    previous = None
+    outputs, losses = [], []
+    for round_index in range(settings.total):
+        multimask = ambiguous and round_index == 0
+        low_res, iou_pred = decode_prompts(
+            model, embeddings, boxes, points, labels,
+            mask_inputs=previous if settings.feed_mask else None, multimask_output=multimask,
+        )  # fmt: skip
+        logits = upscale_logits(low_res, image_size)  # N×M×S×S
+        if mask_loss is not None:
+            per_mask = mask_loss(logits, target.expand_as(logits)).flatten(2).mean(2)  # N×M
+            choice = per_mask.argmin(1, keepdim=True)
+        else:
+            choice = iou_pred.argmax(1, keepdim=True)
+        index = choice[:, :, None, None]
+        chosen = logits.gather(1, index.expand(-1, 1, *logits.shape[2:]))  # N×1×S×S
+        outputs.append(chosen)
+        if mask_loss is not None:
+            actual_iou = mask_iou(chosen[:, 0].detach() > 0, target_bool, valid)
+            iou_loss = F.mse_loss(iou_pred.gather(1, choice)[:, 0], actual_iou)
+            losses.append(per_mask.gather(1, choice).mean() + iou_weight * iou_loss)
+        previous = low_res.gather(1, index.expand(-1, 1, *low_res.shape[2:])).detach()
+        if round_index < settings.corrective_rounds:
+            click, click_label = sample_error_clicks(chosen[:, 0].detach() > 0, target_bool, valid, generator)
+            points = torch.cat([points, click.to(points.dtype)], dim=1)
+            labels = torch.cat([labels, click_label], dim=1)
+    loss = torch.stack(losses).mean() if losses else None
+    return outputs, loss
