@@ -83,6 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))
+    results = []
     for variant in args.variants:
         rows, total, decoder = lora_counts(variant, args.rank)
         print(f"\n{variant}: {total:,} parameters (mask decoder {decoder:,}); LoRA rank {args.rank}")
@@ -95,8 +96,8 @@ def main() -> None:
         print(f"{'size':>6} {'tokens':>7} {'s/image':>9} {'vs ' + str(timing[-1][0]):>9}")
         for size, tokens, seconds in timing:
             print(f"{size:>6} {tokens:>7} {seconds:>9.4f} {seconds / base:>9.3f}")
-    results = " ".join(f"{variant}_{s}_s_per_image={sec:.4f}" for s, _, sec in timing)
-    print(f"RESULT {results}")
+        results += [f"{variant}_{size}_s_per_image={seconds:.4f}" for size, _, seconds in timing]
+    print(f"RESULT {' '.join(results)}")
 
 
 if __name__ == "__main__":
