@@ -95,6 +95,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=600, help="samples timed for the cached and Cityscapes pipelines")
     parser.add_argument("--naive-samples", type=int, default=60, help="samples timed for the naive NIfTI loader")
+    parser.add_argument(
+        "--ct-shape", type=int, nargs=3, default=[512, 512, 48], metavar=("X", "Y", "Z"),
+        help="phantom volume in voxels; 512×512 in-plane is what clinical CT has (the demo uses 128×128×32)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -103,7 +107,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="samtune-bench-") as tmp:
         tmp = Path(tmp)
-        ct_root = generate_ct_phantom(tmp)
+        ct_root = generate_ct_phantom(tmp, shape=tuple(args.ct_shape), spacing_mm=(0.8, 0.8, 5.0))
         cs_root = generate_cityscapes(tmp / "cityscapes")
         cases, classes = read_dataset(ct_root)
 

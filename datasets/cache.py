@@ -69,7 +69,8 @@ class CachedCase:
 
     def _open(self) -> tuple[np.ndarray, np.ndarray]:
         if self._arrays is None:  # opened lazily, once per process (DataLoader workers reopen)
-            self._arrays = (np.load(self.folder / "image.npy", mmap_mode="r"), np.load(self.folder / "label.npy", mmap_mode="r"))
+            # plain ndarray views of the read-only maps: indexing an np.memmap costs more per slice
+            self._arrays = tuple(np.load(self.folder / f"{n}.npy", mmap_mode="r").view(np.ndarray) for n in ("image", "label"))
         return self._arrays
 
     @property
@@ -90,9 +91,16 @@ class CachedCase:
 def default_cache_dir(root: Path) -> Path:
     """``<root>/.samtune_cache``, or the user cache (``~/.cache/samtune``) when ``root`` is read-only."""
     root = Path(root)
-    if os.access(root, os.W_OK):
-        return root / CACHE_FOLDER
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "samtune"
+    preferred = root / CACHE_FOLDER
+    if os.access(preferred if preferred.is_dir() else root, os.W_OK):  # False on read-only mounts, even for root
+        try:
+            preferred.mkdir(exist_ok=True)
+            return preferred
+        except OSError:
+            pass
+    fallback = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "samtune"
+    log.info("%s is not writable: the preprocessing cache goes to %s (set data.cache_dir to choose)", root, fallback)
+    return fallback
 
 
 def _stat(path: Path, case: str) -> list:

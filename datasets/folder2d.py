@@ -57,8 +57,10 @@ def find_pairs(image_dir: Path, label_dir: Path, layout: Folder2DLayout, on_bad_
     for b in bad + bad_labels:
         handle_bad(b, on_bad_case, layout.skipped)
     by_stem: dict[str, Path] = {}
+    jpeg_stems = set()  # reported once, as the label's problem
     for path in labels:
         if path.suffix.lower() in (".jpg", ".jpeg"):
+            jpeg_stems.add(_stem(path))
             handle_bad(BadCase(_stem(path), path, "a JPEG label map: JPEG is lossy and changes label values at object edges", "save label maps as PNG"), on_bad_case, layout.skipped)
         else:
             by_stem[_stem(path)] = path
@@ -70,6 +72,8 @@ def find_pairs(image_dir: Path, label_dir: Path, layout: Folder2DLayout, on_bad_
             continue
         seen.add(name)
         if name not in by_stem:
+            if name in jpeg_stems:
+                continue
             handle_bad(BadCase(name, path, f"no label map {label_dir}/{name}.png for this image", "add the label or move the image out"), on_bad_case, layout.skipped)
             continue
         items.append(Item(name, path, by_stem[name]))
@@ -130,12 +134,15 @@ def read_label_map(path: Path) -> np.ndarray:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the header only."""
+    """(H, W) from the header; ``verify`` also walks the file's chunks (PNG CRCs), which catches
+    truncated and corrupt files without decoding the pixels."""
     try:
         with Image.open(path) as img:
-            return img.size[1], img.size[0]
+            size = img.size[1], img.size[0]
+            img.verify()
+        return size
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise BadCase(_stem(path), path, f"not a readable image ({exc})", "re-export it or move it out") from None
+        raise BadCase(_stem(path), path, f"not a readable image, truncated or corrupt ({exc})", "re-export it or move it out") from None
 
 
 class Folder2DSource:
@@ -161,8 +168,8 @@ class Folder2DSource:
 
     def _scan(self, item: Item, allowed: set[int] | None) -> dict[int, int]:
         label = read_label_map(item.label)
-        if image_size(item.image) != label.shape:
-            h, w = image_size(item.image)
+        h, w = image_size(item.image)
+        if (h, w) != label.shape:
             raise BadCase(item.name, item.label, f"label is {label.shape[1]}×{label.shape[0]} but its image {item.image} is {w}×{h}", "they must match pixel for pixel")
         values, counts = np.unique(label, return_counts=True)
         if self.ignore_index == IGNORE_INDEX and set(values.tolist()) == {0, 255} and (allowed is None or 255 not in allowed):

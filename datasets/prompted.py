@@ -102,7 +102,8 @@ class PromptedDataset(Dataset):
         resized_label = out["mask"]
         objects: list[tuple[int, np.ndarray]] = []
         if self.training:
-            present = [c for c in class_ids if np.count_nonzero(resized_label == c)]
+            pixels = np.bincount(resized_label.ravel(), minlength=max(class_ids) + 1)
+            present = [c for c in class_ids if pixels[c]]
             if not present and self.augment is not None:  # augmentation removed every object
                 return self._fallback(k)
             for class_id in rng.choice(present or class_ids, size=self.per_image):

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+from nibabel.orientations import apply_orientation, io_orientation
 from scipy import ndimage
 
 from samtune.datasets.checks import BadCase, check_finite_image, check_label_values
@@ -74,6 +74,13 @@ def _squeeze_extra_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+def distinct_values(label: np.ndarray) -> np.ndarray:
+    """Sorted distinct values; a bincount for small unsigned labels (np.unique sorts every voxel)."""
+    if label.dtype.kind == "u" and label.size and int(label.max()) < 65536:
+        return np.flatnonzero(np.bincount(label.ravel()))
+    return np.unique(label)
+
+
 def read_case(
     name: str, image_path: Path, label_path: Path, channel: int = 0, classes: set[int] | None = None
 ) -> RawCase:
@@ -112,7 +119,7 @@ def read_case(
     label = _data(label_nii, label_path, name, (slice(None),) * 3 + (0,) * (len(label_nii.shape) - 3) if len(label_nii.shape) > 3 else ())
     image = image.astype(np.float32, copy=False)  # scl_slope/inter are already applied by dataobj
     check_finite_image(image, name, image_path)
-    label_values = np.unique(label)
+    label_values = distinct_values(label)
     check_label_values(label_values, classes, IGNORE_INDEX, name, label_path)
     label = label.astype(np.uint8)
     warnings = []
@@ -125,12 +132,6 @@ def read_case(
     image, label = apply_orientation(image, ornt), apply_orientation(label, ornt)
     axcodes = "".join(c or "?" for c in nib.aff2axcodes(image_nii.affine))
     return RawCase(image, label, spacing, axcodes, tuple(int(n) for n in image.shape), warnings)
-
-
-def canonical_affine(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The affine of the canonical array (for writing predictions back in the original space)."""
-    ornt = io_orientation(affine)
-    return affine @ inv_ornt_aff(ornt, shape)
 
 
 def resolve_window(intensity, image: np.ndarray) -> tuple[float, float]:
@@ -148,7 +149,7 @@ def resolve_window(intensity, image: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
-def scale_to_unit_range(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+def scale_to_0_255(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """float32 values in [0, 255] (not yet rounded): clip to the window, scale linearly."""
     lo, hi = window
     return (np.clip(image, lo, hi) - lo) * (255.0 / (hi - lo))
@@ -197,7 +198,7 @@ def index_slices(label_zhw: np.ndarray) -> list[dict[str, list]]:
 def preprocess(raw: RawCase, intensity, spacing_mm: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray, dict]:
     """RawCase -> (Z×H×W uint8 image, Z×H×W uint8 label, meta with the window, spacing, index)."""
     window = resolve_window(intensity, raw.image)
-    image = to_display(scale_to_unit_range(raw.image, window))
+    image = to_display(scale_to_0_255(raw.image, window))
     label = to_display(raw.label)
     spacing = list(raw.spacing_mm)
     if spacing_mm is not None:

@@ -63,7 +63,9 @@ def ensure_demo_data(kind: str, root: Path, seed: int = 0) -> None:
 
 def prompt_settings(recipe: Recipe) -> PromptSettings:
     p = recipe.prompts
-    return PromptSettings(p.per, p.box_jitter_px, p.box_jitter_frac, p.positive_points, p.negative_points, p.point_placement)
+    # points are only ever used when some first prompts are points: skip sampling them otherwise
+    positives, negatives = (p.positive_points, p.negative_points) if p.box_probability < 1 else (0, 0)
+    return PromptSettings(p.per, p.box_jitter_px, p.box_jitter_frac, positives, negatives, p.point_placement)
 
 
 def intensity_of(data: DataSection) -> str | tuple[float, float]:
@@ -78,7 +80,7 @@ def _split(items: list, data: DataSection, root: Path, seed: int, skipped: list[
     if data.split_file:
         path = resolve_split_file(data.split_file, root)
         train, val = split_by_file(items, path, data.fold, name, skipped={s["case"] for s in skipped if s["case"]})
-        log.info("split from %s%s", path, f" (fold {data.fold})" if path.read_text().lstrip().startswith("[") else "")
+        log.info("split from %s (data.fold=%d applies to a list of folds)", path, data.fold)
     else:
         train, val = split_by_fraction(items, data.val_fraction, seed, name)
     log.info("cases: %d train, %d val (%s)", len(train), len(val), ", ".join(name(c) for c in val[:20]))
@@ -142,6 +144,9 @@ def build_sources(recipe: Recipe, *, on_bad_case: str | None = None, progress: b
         val_src = NiftiSliceSource(val_cases, ds.classes, intensity_of(data), desc="val cases", **common)
         if ds.classes is None:
             _unify_class_names(train_src, val_src)
+        background = [c.name for src in (train_src, val_src) for c in src.cases if c.meta["warnings"]]
+        if background:
+            log.warning("%d cases have an all-background label (legal, but check them): %s", len(background), ", ".join(background[:10]))
         skipped = ds.skipped + train_src.skipped + val_src.skipped
         sources = Sources(train_src, val_src, ds.layout, skipped, ds.notes, cache_dir, ds.channel_names)
     for side, src in (("training", sources.train), ("validation", sources.val)):

@@ -31,16 +31,14 @@ from samtune.datasets.cityscapes import map_label_ids
 from samtune.finetune.data import Sources, build_sources, intensity_of
 from samtune.finetune.recipe import Recipe
 
-REPORT_KEYS = ("kind", "layout", "root", "cache_dir", "cases", "slices", "classes", "spacing_mm", "orientation", "intensity", "problems", "warnings", "notes")
-
-
 def _empty_report(recipe: Recipe) -> dict:
     data = recipe.data
+    intensity = intensity_of(data) if data.kind == "nifti" else None
     return {
         "kind": data.kind, "layout": None, "root": str(data.root), "cache_dir": None,
         "cases": {"train": [], "val": []}, "slices": {"total": 0, "with_foreground": 0, "train": 0, "val": 0},
         "classes": {}, "spacing_mm": None, "orientation": None,
-        "intensity": (list(i) if isinstance(i := intensity_of(data), tuple) else i) if data.kind == "nifti" else None,
+        "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
         "problems": [], "warnings": [], "notes": [],
     }  # fmt: skip
 

@@ -51,7 +51,7 @@ class DataSection(_Section):
     context_slices: int = Field(0, ge=0, description="NIfTI 2.5D: 0 = the slice repeated as RGB; k = slices z-k, z, z+k as the three channels (clamped at the volume ends)")
     empty_slice_ratio: float = Field(0.0, ge=0, description="NIfTI: slices without foreground kept per slice with foreground, per case (seeded); 0 keeps none")
     cache_dir: Optional[str] = Field(None, description="NIfTI preprocessing cache (memory-mapped uint8 slices + slice index), rebuilt when files or settings change; default `<root>/.samtune_cache`, or `~/.cache/samtune` when `root` is read-only")
-    on_bad_case: Literal["error", "skip"] = Field("error", description="unusable case or image (unreadable, shape/affine mismatch, unknown label values, NaN, ...): `error` stops naming the file and the fix; `skip` leaves it out and lists it (log, metrics.json `skipped_cases`, `samtune inspect`)")
+    on_bad_case: Literal["error", "skip"] = Field("error", description="unusable case or image (unreadable, shape/affine mismatch, unknown label values, NaN, ...): `error` stops naming the file and the fix; `skip` leaves it out, logs it and lists it in `samtune inspect`")
     classes: Optional[list[str]] = Field(None, description="class names to train and evaluate on (default: all classes of the dataset)")
     min_pixels: int = Field(10, ge=1, description="smallest object, in pixels of the original image/slice, that becomes a prompted sample")
 

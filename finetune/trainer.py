@@ -181,6 +181,7 @@ def train(recipe: Recipe) -> dict:
         history=history,
         parameters=params,
         train_seconds=round(time.perf_counter() - started, 1),
+        skipped_cases=list(getattr(train_set, "skipped", [])) + list(getattr(val_set, "skipped", [])),
         device=str(device),
     )
     write_json(out / "metrics.json", result)

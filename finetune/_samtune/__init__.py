@@ -4,7 +4,13 @@ Subpackages: ``samtune.finetune`` (CLI, recipes, training, metrics), ``samtune.d
 (data adapters, prompts, demo data) and ``samtune.adapters`` (SAM models, LoRA, export).
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# albumentations asks PyPI for a newer release when imported; samtune runs on offline machines
+# (hospital networks, GPU nodes), where that costs a timeout and a warning.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 class SamtuneError(Exception):

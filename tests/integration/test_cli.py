@@ -221,3 +221,13 @@ def test_decoder_only_mode_trains_and_evaluates(tmp_path):
     out = tmp_path / "eval.json"
     assert main(["-q", "evaluate", str(recipe), *overrides, "--checkpoint", str(last), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["miou"] == pytest.approx(metrics["miou"], abs=1e-9)
+
+
+def test_overrides_may_follow_options(ct_run, tmp_path):
+    recipe, run = ct_run
+    out = tmp_path / "e.json"
+    args = ["-q", "evaluate", str(recipe), "--checkpoint", str(run / "checkpoints" / "last"), "--out", str(out), "eval.max_samples=5"]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["n_samples"] == 5
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(recipe), "--checkpoint", str(run), "--no-such-option"])

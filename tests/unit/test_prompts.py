@@ -253,3 +253,25 @@ def test_jittered_box_stays_inside_the_resized_image():
             for _ in range(20):
                 x0, y0, x1, y1 = ds[k][S.BOXES][0].tolist()
                 assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+
+
+@pytest.mark.parametrize("image_size", [64, 128, 1024])
+def test_sam_transform_equals_the_albumentations_pipeline(image_size):
+    """The hand-written hot path gives what albumentations' LongestMaxSize + Normalize + PadIfNeeded gives."""
+    import albumentations as A
+    import cv2
+
+    from samtune.datasets.transforms import PIXEL_MEAN, PIXEL_STD, make_sam_transform
+
+    reference = A.Compose([
+        A.LongestMaxSize(max_size=image_size, interpolation=cv2.INTER_LINEAR),
+        A.Normalize(mean=PIXEL_MEAN, std=PIXEL_STD, max_pixel_value=1.0),
+        A.PadIfNeeded(image_size, image_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+    ])  # fmt: skip
+    rng = np.random.default_rng(image_size)
+    for shape in [(37, 101), (256, 512), (300, 17), (image_size, image_size)]:
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        label = rng.integers(0, 5, shape, dtype=np.uint8)
+        ours, theirs = make_sam_transform(image_size)(image=image, mask=label), reference(image=image, mask=label)
+        np.testing.assert_array_equal(ours["mask"], theirs["mask"])
+        np.testing.assert_allclose(ours["image"], theirs["image"], atol=1e-5)
