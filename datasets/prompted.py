@@ -57,15 +57,14 @@ class PromptedDataset(Dataset):
         wanted = set(classes) if classes else None
         self.class_names = {k: v for k, v in source.class_names.items() if wanted is None or v in wanted}
         # (source index, class id, component rank) triples: the objects big enough to prompt.
-        # Components are counted from the label here only for evaluation in per-component mode.
+        # Evaluation in per-component mode has one sample per component.
         self.pairs: list[tuple[int, int, int]] = []
         for index in range(len(source)):
             for class_id, count in sorted(source.slice_classes(index).items()):
                 if class_id not in self.class_names or count < min_pixels:
                     continue
                 if prompts.per == "component" and not training:
-                    label = source.load(index)[1]
-                    n = sum(int(o.sum()) >= min_pixels for o in split_objects(label == class_id, "component"))
+                    n = sum(size >= min_pixels for size in self._component_sizes(index, class_id))
                     self.pairs.extend((index, class_id, k) for k in range(n))
                 else:
                     self.pairs.append((index, class_id, 0))
@@ -78,6 +77,14 @@ class PromptedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images) if self.training else len(self.pairs)
+
+    def _component_sizes(self, index: int, class_id: int) -> list[int]:
+        """Pixel counts of one class's connected components, largest first: from the source's
+        slice index when it has one (cached NIfTI), else from the label map."""
+        if hasattr(self.source, "slice_components"):
+            return list(self.source.slice_components(index).get(class_id, []))
+        label = self.source.load(index)[1]
+        return [int(o.sum()) for o in split_objects(label == class_id, "component")]
 
     def _rng(self, k: int) -> np.random.Generator:
         if not self.training:

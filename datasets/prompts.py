@@ -133,7 +133,8 @@ def sample_error_clicks(
     has_error = error.any(dim=1)
     weights = error.float()
     weights[~has_error] = 1.0  # multinomial needs mass; these rows become padding clicks
-    flat = torch.multinomial(weights.cpu(), 1, generator=generator).to(pred.device)  # N×1
+    # sampled where the masks are (``generator`` must live on that device): no N×H×W copy to the CPU
+    flat = torch.multinomial(weights, 1, generator=generator)  # N×1
     width = pred.shape[-1]
     points = torch.stack([flat % width, flat // width], dim=-1).float()  # N×1×2 (x, y)
     labels = false_negative.flatten(1).gather(1, flat).long()  # 1 = FN, 0 = FP

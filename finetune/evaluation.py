@@ -30,7 +30,7 @@ def evaluate(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=S.collate_samples)
     accumulators = [ClassIoUAccumulator() for _ in range(rounds.total)]
-    generator = torch.Generator().manual_seed(seed)  # corrective clicks: the same on every evaluation
+    generator = torch.Generator(device=device).manual_seed(seed)  # corrective clicks: the same on every evaluation
     for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
         batch = {k: (v.to(device) if k != S.META else v) for k, v in batch.items()}
         outputs, _ = run_rounds(model, batch, rounds, dataset.image_size, use_box, generator)

@@ -80,7 +80,7 @@ def run_rounds(
             model, embeddings, boxes, points, labels,
             mask_inputs=previous if settings.feed_mask else None, multimask_output=multimask,
         )  # fmt: skip
-        logits = upscale_logits(low_res, image_size)  # N×M×S×S
+        logits = upscale_logits(low_res.float(), image_size)  # N×M×S×S, float32 for the loss even under autocast
         if mask_loss is not None:
             per_mask = mask_loss(logits, target.expand_as(logits)).flatten(2).mean(2)  # N×M
             choice = per_mask.argmin(1, keepdim=True)
@@ -91,7 +91,7 @@ def run_rounds(
         outputs.append(chosen)
         if mask_loss is not None:
             actual_iou = mask_iou(chosen[:, 0].detach() > 0, target_bool, valid)
-            iou_loss = F.mse_loss(iou_pred.gather(1, choice)[:, 0], actual_iou)
+            iou_loss = F.mse_loss(iou_pred.gather(1, choice)[:, 0].float(), actual_iou)
             losses.append(per_mask.gather(1, choice).mean() + iou_weight * iou_loss)
         previous = low_res.gather(1, index.expand(-1, 1, *low_res.shape[2:])).detach()
         if round_index < settings.corrective_rounds:

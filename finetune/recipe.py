@@ -49,7 +49,7 @@ class DataSection(_Section):
     window_hu: tuple[float, float] = Field((-160.0, 240.0), description="NIfTI CT intensity window [low, high] in HU, scaled to 0-255 (default: abdomen W400/L40); used when `intensity` is not set")
     spacing_mm: tuple[float, float] | None = Field(None, description="NIfTI: resample slices in-plane to this pixel spacing [x, y] in mm (image linear, labels nearest neighbour); default: keep the scan's")
     context_slices: int = Field(0, ge=0, description="NIfTI 2.5D: 0 = the slice repeated as RGB; k = slices z-k, z, z+k as the three channels (clamped at the volume ends)")
-    empty_slice_ratio: float = Field(0.0, ge=0, description="NIfTI: slices without foreground kept per slice with foreground, per case (seeded); 0 keeps none")
+    empty_slice_ratio: float = Field(0.0, ge=0, description="NIfTI: slices without foreground kept per slice with foreground, per case (seeded); 0 keeps none. Prompted samples need an object, so kept empty slices are counted by `samtune inspect` but not trained on")
     cache_dir: Optional[str] = Field(None, description="NIfTI preprocessing cache (memory-mapped uint8 slices + slice index), rebuilt when files or settings change; default `<root>/.samtune_cache`, or `~/.cache/samtune` when `root` is read-only")
     on_bad_case: Literal["error", "skip"] = Field("error", description="unusable case or image (unreadable, shape/affine mismatch, unknown label values, NaN, ...): `error` stops naming the file and the fix; `skip` leaves it out, logs it and lists it in `samtune inspect`")
     classes: Optional[list[str]] = Field(None, description="class names to train and evaluate on (default: all classes of the dataset)")
@@ -98,7 +98,8 @@ class AdapterSection(_Section):
 
 class TrainSection(_Section):
     mode: Literal["lora", "decoder_only", "full"] = Field("lora", description="`lora`: frozen encoders + LoRA + trained mask decoder; `decoder_only`: frozen encoders, mask decoder trained; `full`: every weight trained")
-    gradient_checkpointing: bool = Field(False, description="recompute image-encoder block activations in the backward pass (less memory, ~30% more time)")
+    gradient_checkpointing: bool = Field(False, description="recompute image-encoder block activations in the backward pass: less memory, more time (figures in the README)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast the forward passes to bfloat16 (GPUs from Ampere on; weights and optimiser stay float32)")
     steps: int = Field(500, ge=1, description="optimiser steps")
     batch_size: int = Field(8, ge=1, description="prompted samples per step")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")

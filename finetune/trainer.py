@@ -42,6 +42,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast(device: torch.device, precision: str):
+    """bfloat16 autocast for ``train.precision: bf16`` (no loss scaling needed, unlike float16)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -95,6 +100,8 @@ def train(recipe: Recipe) -> dict:
     seed_everything(recipe.seed)
     device = resolve_device(recipe.train.device)
     image_size = image_size_of(recipe)
+    if recipe.train.precision == "bf16" and device.type == "cpu":
+        log.warning("train.precision=bf16 on the CPU is slow on most processors; running it anyway")
 
     train_set, val_set = build_datasets(recipe, image_size)
     log.info("samples: %d train, %d val pairs (image/slice × class)", len(train_set), len(val_set))
@@ -114,7 +121,8 @@ def train(recipe: Recipe) -> dict:
     eval_box = recipe.prompts.box_probability >= 0.5
 
     def run_eval(desc: str) -> dict:
-        return evaluate(model, val_set, recipe.eval.batch_size, device, rounds, eval_box, recipe.seed, desc)
+        with autocast(device, recipe.train.precision):
+            return evaluate(model, val_set, recipe.eval.batch_size, device, rounds, eval_box, recipe.seed, desc)
 
     baseline = run_eval("eval (before)")
     log.info("before fine-tuning: mIoU %.4f", baseline["miou"])
@@ -124,7 +132,7 @@ def train(recipe: Recipe) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.train.warmup_steps, recipe.train.steps)
     loss_fn = make_mask_loss(recipe.loss.dice_weight, recipe.loss.focal_weight)
     generator = torch.Generator().manual_seed(recipe.seed)
-    click_generator = torch.Generator().manual_seed(recipe.seed + 1)
+    click_generator = torch.Generator(device=device).manual_seed(recipe.seed + 1)
     prompt_rng = np.random.default_rng(recipe.seed)
     sampler = RandomSampler(train_set, replacement=True, num_samples=recipe.train.steps * recipe.train.batch_size, generator=generator)
     loader = DataLoader(
@@ -144,7 +152,8 @@ def train(recipe: Recipe) -> dict:
     for step, batch in enumerate(progress, start=1):
         batch = {k: (v.to(device) if k != S.META else v) for k, v in batch.items()}
         use_box = bool(prompt_rng.random() < recipe.prompts.box_probability)
-        _, loss = run_rounds(model, batch, rounds, image_size, use_box, click_generator, loss_fn, recipe.loss.iou_weight)
+        with autocast(device, recipe.train.precision):
+            _, loss = run_rounds(model, batch, rounds, image_size, use_box, click_generator, loss_fn, recipe.loss.iou_weight)
         if not torch.isfinite(loss):
             raise SamtuneError(f"loss became {loss.item()} at step {step}; lower train.lr (now {recipe.train.lr}).")
         optimizer.zero_grad(set_to_none=True)

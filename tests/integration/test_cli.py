@@ -231,3 +231,15 @@ def test_overrides_may_follow_options(ct_run, tmp_path):
     assert json.loads(out.read_text())["n_samples"] == 5
     with pytest.raises(SystemExit):
         main(["evaluate", str(recipe), "--checkpoint", str(run), "--no-such-option"])
+
+
+def test_bf16_autocast_and_corrective_rounds_run(tmp_path):
+    root = generate_ct_phantom(tmp_path / "data", n_cases=3, shape=(48, 48, 12))
+    data = {"kind": "nifti", "root": str(root), "val_fraction": 0.34}
+    recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "run")
+    overrides = ["train.precision=bf16", "train.steps=2", "train.eval_every=2", "prompts.corrective_rounds=2",
+                 "prompts.box_probability=0.5", "prompts.per_image=2", "eval.max_samples=8"]  # fmt: skip
+    assert main(["-q", "train", str(recipe), *overrides]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["by_round"]] == [0, 1, 2] and metrics["rounds"] == 3
+    assert all(math.isfinite(r["miou"]) for r in metrics["by_round"])

@@ -149,3 +149,19 @@ def test_mask_iou_ignores_padding():
     valid[0, :2, :2] = True
     assert mask_iou(pred, target, valid).item() == 1.0
     assert mask_iou(pred, target, torch.ones_like(valid)).item() == 0.25
+
+
+def test_per_component_index_comes_from_the_source_when_it_has_one():
+    class IndexedSource(BlobSource):
+        loads = 0
+
+        def slice_components(self, i):
+            return {1: [100, 60], 2: [108]}
+
+        def load(self, i):
+            IndexedSource.loads += 1
+            return super().load(i)
+
+    ds = PromptedDataset(IndexedSource(), 64, PromptSettings(per="component"), min_pixels=70, training=False, seed=0)
+    assert IndexedSource.loads == 0  # nothing opened to count components
+    assert len(ds) == 2 * 2  # per image: the 100 px blob and the 108 px bar; the 60 px blob is too small

@@ -1,0 +1,111 @@
+"""One LoRA training step of SAM (the trainer's hot path, `run_rounds` + AdamW): time and peak
+GPU memory for float32 vs bfloat16 autocast, with and without gradient checkpointing, side by side
+in one run. Random weights and data: cost depends on shapes, not values.
+
+    python benchmarks/train_step.py --device cuda --variant vit_b --image-size 1024 --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import SamModel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from encoder_speed import sam_config  # noqa: E402
+
+from samtune.adapters.lora import LoraSettings, prepare_trainable  # noqa: E402
+from samtune.datasets import sample as S  # noqa: E402
+from samtune.finetune.interaction import RoundSettings, run_rounds  # noqa: E402
+from samtune.finetune.losses import make_mask_loss  # noqa: E402
+
+
+def make_batch(batch: int, per_image: int, size: int, device: str) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.zeros(batch, per_image, size, size)
+    boxes = torch.zeros(batch, per_image, 4)
+    for b in range(batch):
+        for p in range(per_image):
+            x0, y0 = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+            x1, y1 = x0 + size // 4, y0 + size // 3
+            masks[b, p, y0:y1, x0:x1] = 1
+            boxes[b, p] = torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
+    return {
+        S.IMAGE: torch.randn(batch, 3, size, size, generator=generator).to(device),
+        S.MASKS: masks.to(device),
+        S.BOXES: boxes.to(device),
+        S.POINTS: torch.zeros(batch, per_image, 0, 2, device=device),
+        S.POINT_LABELS: torch.zeros(batch, per_image, 0, dtype=torch.long, device=device),
+        S.META: [{"resized_size": (size, size)}] * batch,
+    }
+
+
+def measure(args, precision: str, checkpointing: bool) -> tuple[float, float, float]:
+    torch.manual_seed(0)
+    config = sam_config(args.variant, args.image_size)
+    config.vision_config.initializer_range = 0.02
+    base = SamModel(config)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_trainable(base, "lora", LoraSettings()).to(args.device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss_fn = make_mask_loss(1.0, 20.0)
+    batch = make_batch(args.batch, args.per_image, args.image_size, args.device)
+    rounds = RoundSettings(args.corrective_rounds)
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    cuda = args.device.startswith("cuda")
+    times = []
+    for step in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+            if step == args.warmup:
+                torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            _, loss = run_rounds(model, batch, rounds, args.image_size, True, generator, loss_fn, 1.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    del model, base, optimizer
+    if cuda:
+        torch.cuda.empty_cache()
+    return float(np.median(times)), peak, loss.item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--per-image", type=int, default=1)
+    parser.add_argument("--corrective-rounds", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{args.variant} LoRA (encoder_qkv, rank 4) training step, batch {args.batch} × {args.per_image} prompts "
+          f"@ {args.image_size} px, {args.corrective_rounds} corrective rounds; torch {torch.__version__}, {where}")
+    print(f"{'precision':<10} {'checkpointing':<14} {'s/step':>8} {'images/s':>9} {'peak GiB':>9} {'loss':>8}")
+    results = []
+    for precision in ("fp32", "bf16"):
+        for checkpointing in (False, True):
+            seconds, peak, loss = measure(args, precision, checkpointing)
+            print(f"{precision:<10} {str(checkpointing):<14} {seconds:>8.4f} {args.batch / seconds:>9.1f} {peak:>9.2f} {loss:>8.4f}")
+            results.append(f"{precision}{'_ckpt' if checkpointing else ''}_s_per_step={seconds:.4f}")
+            results.append(f"{precision}{'_ckpt' if checkpointing else ''}_peak_gib={peak:.2f}")
+    print("RESULT " + " ".join(results))
+
+
+if __name__ == "__main__":
+    main()
