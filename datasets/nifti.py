@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from samtune import SamtuneError
-from samtune.datasets.cache import CachedCase, VolumeSettings, prepare_cases
+from samtune.datasets.cache import VolumeSettings, prepare_cases
 from samtune.datasets.checks import BadCase, handle_bad, list_data_files
 from samtune.datasets.splits import split_by_fraction
 from samtune.datasets.volume import IGNORE_INDEX, read_case, scale_to_0_255

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from samtune.datasets.synthetic import generate_cityscapes, generate_ct_phantom
+from samtune.datasets.synthetic import generate_cityscapes
 from samtune.finetune.cli import main
 
 KEYS = {"kind", "layout", "root", "cache_dir", "cases", "slices", "classes", "spacing_mm", "orientation", "intensity", "problems", "warnings", "notes"}
-
-
-@pytest.fixture(scope="module")
-def phantom_template(tmp_path_factory) -> Path:
-    return generate_ct_phantom(tmp_path_factory.mktemp("ct"), n_cases=3, shape=(48, 48, 12))
-
-
-@pytest.fixture
-def phantom(phantom_template, tmp_path) -> Path:
-    root = tmp_path / phantom_template.name
-    shutil.copytree(phantom_template, root)
-    return root
 
 
 def _recipe(tmp_path: Path, data: dict) -> Path:

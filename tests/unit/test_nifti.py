@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -12,21 +11,9 @@ import pytest
 
 from samtune import SamtuneError
 from samtune.datasets.nifti import Case, NiftiSliceSource, load_case, read_dataset, split_cases
-from samtune.datasets.synthetic import CT_LABELS, generate_ct_phantom
+from samtune.datasets.synthetic import CT_LABELS
 
 WINDOW = (-160.0, 240.0)  # the recipe default (data.window_hu)
-
-
-@pytest.fixture(scope="module")
-def phantom_template(tmp_path_factory) -> Path:
-    return generate_ct_phantom(tmp_path_factory.mktemp("ct"), n_cases=3, shape=(48, 48, 12))
-
-
-@pytest.fixture
-def phantom(phantom_template, tmp_path) -> Path:
-    root = tmp_path / phantom_template.name
-    shutil.copytree(phantom_template, root)
-    return root
 
 
 def _save(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:

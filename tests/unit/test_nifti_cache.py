@@ -18,23 +18,10 @@ from samtune import SamtuneError
 from samtune.datasets import cache as cache_module
 from samtune.datasets.nifti import NiftiSliceSource, discover_dataset, read_dataset
 from samtune.datasets.splits import split_by_file
-from samtune.datasets.synthetic import generate_ct_phantom
 from samtune.finetune.data import build_sources
 from samtune.finetune.recipe import validate_recipe
 
 WINDOW = (-160.0, 240.0)
-
-
-@pytest.fixture(scope="module")
-def phantom_template(tmp_path_factory) -> Path:
-    return generate_ct_phantom(tmp_path_factory.mktemp("ct"), n_cases=3, shape=(48, 48, 12))
-
-
-@pytest.fixture
-def phantom(phantom_template, tmp_path) -> Path:
-    root = tmp_path / phantom_template.name
-    shutil.copytree(phantom_template, root)
-    return root
 
 
 def _save(arr, path: Path, affine=None) -> None:
