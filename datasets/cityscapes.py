@@ -60,7 +60,7 @@ class CityscapesSource:
 
     ignore_index = IGNORE_INDEX
 
-    def __init__(self, root: str | Path, split: str, on_bad_case: str = "error"):
+    def __init__(self, root: str | Path, split: str, on_bad_case: str = "error", cities: list[str] | None = None):
         self.root = Path(root)
         image_dir = self.root / "leftImg8bit" / split
         if not image_dir.is_dir():
@@ -69,6 +69,12 @@ class CityscapesSource:
                 f"leftImg8bit/ and gtFine/ (split {split!r})."
             )
         found = sorted(p for p in image_dir.glob("*/*_leftImg8bit.png") if not p.name.startswith("._"))
+        if cities:
+            present = sorted({p.parent.name for p in found})
+            unknown = [c for c in cities if c not in present]
+            if unknown:
+                raise SamtuneError(f"data.cities: {unknown} not in {image_dir} (cities there: {', '.join(present)}).")
+            found = [p for p in found if p.parent.name in cities]
         if not found:
             raise SamtuneError(f"{image_dir}: no *_leftImg8bit.png images in its city folders.")
         self.images: list[Path] = []

@@ -115,8 +115,8 @@ def build_sources(recipe: Recipe, *, on_bad_case: str | None = None, progress: b
             )
         ensure_demo_data(data.kind, root)
     if data.kind == "cityscapes":
-        train_src = CityscapesSource(root, data.train_split, on_bad)
-        val_src = CityscapesSource(root, data.val_split, on_bad)
+        train_src = CityscapesSource(root, data.train_split, on_bad, data.cities)
+        val_src = CityscapesSource(root, data.val_split, on_bad, data.val_cities)
         sources = Sources(train_src, val_src, "cityscapes", train_src.skipped + val_src.skipped)
     elif data.kind == "folder2d":
         layout = discover_folder2d(root, on_bad)

@@ -40,6 +40,8 @@ class DataSection(_Section):
     generate_demo: bool = Field(False, description="when `root` does not exist, generate the synthetic demo dataset of this `kind` there (nifti, cityscapes)")
     train_split: str = Field("train", description="Cityscapes split used for training")
     val_split: str = Field("val", description="Cityscapes split used for validation")
+    cities: Optional[list[str]] = Field(None, description="Cityscapes: train only on these cities of `train_split` (default: all)")
+    val_cities: Optional[list[str]] = Field(None, description="Cityscapes: validate only on these cities of `val_split` (default: all)")
     val_fraction: float = Field(0.25, gt=0, lt=1, description="NIfTI / folder2d: fraction of cases (patients) or images held out for validation, seeded by `seed` (without `split_file` or a val/ folder)")
     split_file: Optional[str] = Field(None, description='NIfTI / folder2d: JSON split, `{"train": [names], "val": [names]}` or nnU-Net\'s splits_final.json (list of folds, see `fold`); a relative path is looked up in the current directory, then in `root`')
     fold: int = Field(0, ge=0, description="fold of an nnU-Net splits_final.json `split_file`")

@@ -122,3 +122,13 @@ def test_macos_resource_fork_files_are_ignored(cs_root):
     src = CityscapesSource(cs_root, "train")
     assert fork not in src.images
     assert len(src) == 2
+
+
+def test_city_filter(cs_root):
+    everything = CityscapesSource(cs_root, "train")
+    cities = sorted({p.parent.name for p in everything.images})
+    assert len(cities) >= 2
+    only = CityscapesSource(cs_root, "train", cities=[cities[0]])
+    assert {p.parent.name for p in only.images} == {cities[0]} and 0 < len(only) < len(everything)
+    with pytest.raises(SamtuneError, match="data.cities"):
+        CityscapesSource(cs_root, "train", cities=["atlantis"])
