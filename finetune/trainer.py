@@ -77,6 +77,16 @@ def lora_settings(recipe: Recipe) -> LoraSettings:
     return LoraSettings(lora.rank, lora.alpha, lora.dropout, lora.preset, lora.target_modules, blocks)
 
 
+def evaluate_with_recipe(model, val_set, recipe: Recipe, device: torch.device, desc: str = "eval") -> dict:
+    """Evaluation as the recipe prescribes it (prompts, rounds, precision): the same call during
+    training and in `samtune evaluate`, so both give the same numbers."""
+    with autocast(device, recipe.train.precision):
+        return evaluate(
+            model, val_set, recipe.eval.batch_size, device, round_settings(recipe),
+            recipe.prompts.box_probability >= 0.5, recipe.seed, desc,
+        )  # fmt: skip
+
+
 def describe_prompts(recipe: Recipe) -> str:
     p = recipe.prompts
     first = "box" if p.box_probability >= 0.5 else f"{p.positive_points}+/{p.negative_points}- point"
@@ -104,7 +114,7 @@ def train(recipe: Recipe) -> dict:
         log.warning("train.precision=bf16 on the CPU is slow on most processors; running it anyway")
 
     train_set, val_set = build_datasets(recipe, image_size)
-    log.info("samples: %d train, %d val pairs (image/slice × class)", len(train_set), len(val_set))
+    log.info("training on %d images/slices with objects; validating on %d prompted objects", len(train_set), len(val_set))
     base = build_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -118,11 +128,9 @@ def train(recipe: Recipe) -> dict:
 
     # LoRA's B starts at zero, the rest at the base weights: this is the model before fine-tuning.
     rounds = round_settings(recipe)
-    eval_box = recipe.prompts.box_probability >= 0.5
 
     def run_eval(desc: str) -> dict:
-        with autocast(device, recipe.train.precision):
-            return evaluate(model, val_set, recipe.eval.batch_size, device, rounds, eval_box, recipe.seed, desc)
+        return evaluate_with_recipe(model, val_set, recipe, device, desc)
 
     baseline = run_eval("eval (before)")
     log.info("before fine-tuning: mIoU %.4f", baseline["miou"])
@@ -205,9 +213,7 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: str | Path, out_file: str | 
     device = resolve_device(recipe.train.device)
     _, val_set = build_datasets(recipe, image_size_of(recipe))
     model = load_checkpoint(checkpoint, lambda: build_base_model(recipe)).to(device)
-    metrics = evaluate(
-        model, val_set, recipe.eval.batch_size, device, round_settings(recipe), recipe.prompts.box_probability >= 0.5, recipe.seed
-    )
+    metrics = evaluate_with_recipe(model, val_set, recipe, device)
     metrics["checkpoint"] = str(checkpoint)
     out_path = Path(out_file) if out_file else Path(recipe.output.dir) / "eval" / "metrics.json"
     write_json(out_path, metrics)

@@ -243,3 +243,7 @@ def test_bf16_autocast_and_corrective_rounds_run(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [r["round"] for r in metrics["by_round"]] == [0, 1, 2] and metrics["rounds"] == 3
     assert all(math.isfinite(r["miou"]) for r in metrics["by_round"])
+    out = tmp_path / "eval.json"  # evaluate applies the same precision, prompts and rounds
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert main(["-q", "evaluate", str(recipe), *overrides, "--checkpoint", str(last), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["by_round"] == metrics["by_round"]
