@@ -274,6 +274,18 @@ class NiftiSliceSource:
         ci, z = self.slices[index]
         return f"{self.cases[ci].name}/z{z:03d}"
 
+    def slice_position(self, index: int) -> tuple[str, int]:
+        """(case name, z) of a slice: lets evaluation put slice predictions back into volumes."""
+        ci, z = self.slices[index]
+        return self.cases[ci].name, z
+
+    def case_volume(self, name: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """The whole Z×H×W label volume of a case (every slice, kept or not) and its voxel spacing
+        in mm along (z, rows, columns) = (z, y, x) of the canonical scan."""
+        case = next(c for c in self.cases if c.name == name)
+        x, y, z = (float(v) for v in case.meta["spacing_mm"])
+        return case.label, (z, y, x)
+
     def slice_classes(self, index: int) -> dict[int, int]:
         ci, z = self.slices[index]
         return {int(k): v[0] for k, v in self.cases[ci].meta["slices"][z].items()}

@@ -136,6 +136,7 @@ class PromptedDataset(Dataset):
             boxes.append(box), points.append(p), labels.append(l)
         meta = {
             "item": item,
+            "index": index,
             "class_ids": [c for c, _ in objects],
             "class_names": [self.class_names[c] for c, _ in objects],
             "original_size": original,

@@ -8,7 +8,7 @@ evaluation). Tensors are batched by ``collate_samples``; ``meta`` stays a list o
 - ``boxes``:        P×4 float32 box prompts, xyxy in input pixels (the resized frame)
 - ``points``:       P×N×2 float32 point prompts (x, y), input pixels; N = positive + negative points
 - ``point_labels``: P×N int64, 1 positive, 0 negative, -1 padding
-- ``meta``:         dict with ``item`` (image or case/slice id), ``class_ids`` and ``class_names`` (P each),
+- ``meta``:         dict with ``item`` (image or case/slice id), ``index`` (in the source), ``class_ids`` and ``class_names`` (P each),
                     ``original_size`` (H, W), ``resized_size`` (h, w) and, for evaluation samples,
                     ``targets`` (P masks H×W bool at the original resolution, what metrics compare
                     against) and ``ignore`` (H×W bool, pixels that never count)

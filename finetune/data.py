@@ -188,5 +188,6 @@ def build_datasets(recipe: Recipe, image_size: int, *, progress: bool = True) ->
     if recipe.eval.max_samples and len(val) > recipe.eval.max_samples:
         keep = np.sort(np.random.default_rng(recipe.seed).permutation(len(val))[: recipe.eval.max_samples])
         val.pairs = [val.pairs[i] for i in keep]
+        val.subset = True  # volumes are incomplete: no per-case 3D metrics
     train.skipped = val.skipped = list(sources.skipped)
     return train, val

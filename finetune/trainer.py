@@ -87,6 +87,17 @@ def evaluate_with_recipe(model, val_set, recipe: Recipe, device: torch.device, d
         )  # fmt: skip
 
 
+def describe_volume(metrics: dict) -> str:
+    """A summary line and one line per class of the per-case 3D metrics of volumetric data."""
+    volume = metrics["volume"]
+    lines = [f"per case, 3D: mean Dice {volume['mdice']:.3f}, HD95 {volume['mhd95_mm']:.1f} mm, "
+             f"NSD@{volume['nsd_tolerance_mm']:g}mm {volume['mnsd']:.3f}"]  # fmt: skip
+    for name, c in volume["per_class"].items():
+        undefined = f" (HD95 undefined in {c['hd95_undefined']})" if c["hd95_undefined"] else ""
+        lines.append(f"  {name}: Dice {c['dice']:.3f}, HD95 {c['hd95_mm']:.1f} mm, NSD {c['nsd']:.3f}, {c['cases']} cases{undefined}")
+    return "\n".join(lines)
+
+
 def describe_prompts(recipe: Recipe) -> str:
     p = recipe.prompts
     first = "box" if p.box_probability >= 0.5 else f"{p.positive_points}+/{p.negative_points}- point"
@@ -203,6 +214,8 @@ def train(recipe: Recipe) -> dict:
     )
     write_json(out / "metrics.json", result)
     print(format_table({"before fine-tuning": baseline, f"after {recipe.train.steps} steps": metrics}, title=f"validation, {describe_prompts(recipe)}"))
+    if "volume" in metrics:
+        print(describe_volume(metrics))
     print(f"mIoU {baseline['miou']:.3f} -> {metrics['miou']:.3f} ({metrics['miou'] - baseline['miou']:+.3f}); files in {out}")
     return result
 
@@ -218,6 +231,8 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: str | Path, out_file: str | 
     out_path = Path(out_file) if out_file else Path(recipe.output.dir) / "eval" / "metrics.json"
     write_json(out_path, metrics)
     print(format_table({Path(checkpoint).name: metrics}, title=f"validation, {describe_prompts(recipe)}"))
+    if "volume" in metrics:
+        print(describe_volume(metrics))
     print(f"mIoU {metrics['miou']:.3f}; written to {out_path}")
     return metrics
 

@@ -61,6 +61,10 @@ def test_train_writes_exactly_the_documented_files(ct_run):
     assert math.isfinite(metrics["miou"]) and math.isfinite(metrics["mdice"])
     assert metrics["step"] == STEPS and metrics["baseline"]["per_class"].keys() == metrics["per_class"].keys()
     assert metrics["parameters"]["trainable"] == metrics["parameters"]["encoder_lora"] + metrics["parameters"]["mask_decoder"]
+    volume = metrics["volume"]  # NIfTI: per-case 3D Dice / HD95 / NSD in mm
+    assert set(volume["per_class"]) == set(metrics["per_class"]) and volume["nsd_tolerance_mm"] == 2.0
+    for values in volume["per_class"].values():
+        assert values["cases"] >= 1 and len(values["per_case"]) == 1 and 0.0 <= values["dice"] <= 1.0
     state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["miou"] == pytest.approx(metrics["miou"])
 
@@ -113,6 +117,7 @@ def test_train_on_cityscapes_tree(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {"kind": "cityscapes", "root": str(root), "min_pixels": 20}, tmp_path / "run")
     assert main(["-q", "train", str(recipe), "train.steps=6", "train.eval_every=6"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "volume" not in metrics  # 2D data: no per-case 3D metrics
     assert {"road", "sidewalk", "building", "sky", "car"} <= set(metrics["per_class"])
     assert all(name in {"road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                         "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
