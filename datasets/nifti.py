@@ -2,8 +2,8 @@
 and plain ``images/`` + ``labels/`` folders; served as axial slices from the preprocessing cache.
 
 Layouts (``data.root``):
-- nnU-Net v2: ``dataset.json`` (``labels`` name -> int, ``file_ending``), ``imagesTr/{case}_{XXXX}``
-  (one file per channel; ``data.channel`` picks ``XXXX``), ``labelsTr/{case}``;
+- nnU-Net v2: ``dataset.json`` (``labels`` name -> int, ``file_ending``), ``imagesTr/{case}_{channel:04d}``
+  (one file per channel; ``data.channel`` picks the channel), ``labelsTr/{case}``;
 - MSD: ``dataset.json`` (``labels`` int -> name, ``training`` list), images possibly 4D with
   the modalities on the 4th axis (``data.channel`` picks one);
 - plain folders: ``images/`` (or ``imagesTr/``) and ``labels/`` (or ``labelsTr/``), matched by
@@ -99,7 +99,7 @@ def _nnunet(root: Path, meta: dict, channel: int, ds: NiftiDataset, on_bad: str)
     images, bad = list_data_files(root / "imagesTr", (ending.lower(),), "NIfTI image", ds.notes)
     for path in images:
         if not pattern.match(path.name):
-            bad.append(BadCase(None, path, f"not named {{case}}_XXXX{ending} (XXXX = 4-digit channel)", "rename it or move it out of imagesTr/"))
+            bad.append(BadCase(None, path, f"not named {{case}}_0000{ending} (a 4-digit channel number after the case name)", "rename it or move it out of imagesTr/"))
     for b in bad:
         handle_bad(b, on_bad, ds.skipped)
     names = sorted({m.group(1) for m in map(pattern.match, (p.name for p in images)) if m})
@@ -188,7 +188,7 @@ def discover_dataset(
     else:
         raise SamtuneError(
             f"{meta_path}: missing, and no images/ + labels/ folders. data.root must be an nnU-Net v2 dataset "
-            "(DatasetXXX_Name/), an MSD task (TaskXX_Name/) folder holding dataset.json, imagesTr/ and labelsTr/, "
+            "(Dataset001_Name/), an MSD task (TaskXX_Name/) folder holding dataset.json, imagesTr/ and labelsTr/, "
             "or a folder with images/ and labels/ NIfTI files matched by case name."
         )
     if class_names:

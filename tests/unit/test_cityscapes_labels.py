@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ from PIL import Image
 
 from samtune import SamtuneError
 from samtune.datasets.cityscapes import CLASS_NAMES, IGNORE_INDEX, CityscapesSource, map_label_ids
-from samtune.datasets.synthetic import generate_cityscapes
 
 # cityscapesScripts/helpers/labels.py: (name, id, trainId); trainId 255 and -1 are not trained.
 OFFICIAL = [
@@ -59,16 +56,6 @@ def test_class_names():
 
 
 # ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cs_template(tmp_path_factory) -> Path:
-    return generate_cityscapes(tmp_path_factory.mktemp("cs") / "cityscapes", n_train=2, n_val=1, size_wh=(128, 64))
-
-
-@pytest.fixture
-def cs_root(cs_template, tmp_path) -> Path:
-    root = tmp_path / "cityscapes"
-    shutil.copytree(cs_template, root)
-    return root
 
 
 def test_source_pairs_each_image_with_its_label(cs_root):

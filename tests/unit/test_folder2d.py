@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ from PIL import Image
 from samtune import SamtuneError
 from samtune.datasets.cityscapes import CityscapesSource, map_label_ids
 from samtune.datasets.folder2d import Folder2DSource, discover_folder2d, read_rgb
-from samtune.datasets.synthetic import generate_cityscapes
 from samtune.finetune.data import build_datasets, build_sources
 from samtune.finetune.inspection import inspect_data
 from samtune.finetune.recipe import validate_recipe
@@ -115,16 +113,6 @@ def test_missing_folders_is_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------ Cityscapes
-@pytest.fixture(scope="module")
-def cs_template(tmp_path_factory) -> Path:
-    return generate_cityscapes(tmp_path_factory.mktemp("cs") / "cityscapes", n_train=2, n_val=1, size_wh=(128, 64))
-
-
-@pytest.fixture
-def cs_root(cs_template, tmp_path) -> Path:
-    root = tmp_path / "cityscapes"
-    shutil.copytree(cs_template, root)
-    return root
 
 
 def _write_train_ids(root: Path) -> list[Path]:
