@@ -25,10 +25,6 @@ from samtune import SamtuneError
 
 log = logging.getLogger(__name__)
 
-# SAM's pixel statistics on 0-255 RGB (Kirillov et al., 2023); the data pipeline normalises with them.
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-
 
 @dataclass(frozen=True)
 class SamVariant:

@@ -17,8 +17,7 @@ import warnings
 import cv2
 import numpy as np
 
-# SAM's pixel statistics on 0-255 RGB (same values as samtune.adapters.registry; datasets do not
-# import model code).
+# SAM's pixel statistics on 0-255 RGB (Kirillov et al., 2023).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 

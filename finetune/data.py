@@ -167,8 +167,11 @@ def make_prompted(source, recipe: Recipe, image_size: int, training: bool) -> Pr
     )  # fmt: skip
 
 
-def build_datasets(recipe: Recipe, image_size: int, *, progress: bool = True) -> tuple[PromptedDataset, PromptedDataset]:
-    """Train and val prompted datasets; both carry ``skipped`` (bad cases left out, skip mode)."""
+def build_datasets(
+    recipe: Recipe, image_size: int, *, progress: bool = True, training: bool = True
+) -> tuple[PromptedDataset | None, PromptedDataset]:
+    """Train and val prompted datasets; both carry ``skipped`` (bad cases left out, skip mode).
+    ``training=False`` (evaluation only) skips indexing the training split and returns None for it."""
     data = recipe.data
     sources = build_sources(recipe, progress=progress)
     log_skipped(sources.skipped)
@@ -178,16 +181,18 @@ def build_datasets(recipe: Recipe, image_size: int, *, progress: bool = True) ->
         unknown = [c for c in data.classes if c not in known]
         if unknown:
             raise SamtuneError(f"data.classes: {unknown} not in the dataset's classes {sorted(known)}.")
-    train = make_prompted(train_src, recipe, image_size, training=True)
+    train = make_prompted(train_src, recipe, image_size, training=True) if training else None
     val = make_prompted(val_src, recipe, image_size, training=False)
-    if len(train) == 0 or len(val) == 0:
+    if (train is not None and len(train) == 0) or len(val) == 0:
         raise SamtuneError(
             f"data.root={data.root!r}: no objects of at least data.min_pixels={data.min_pixels} px in the "
-            f"{'training' if len(train) == 0 else 'validation'} split; lower data.min_pixels or check the labels."
+            f"{'validation' if len(val) == 0 else 'training'} split; lower data.min_pixels or check the labels."
         )
     if recipe.eval.max_samples and len(val) > recipe.eval.max_samples:
         keep = np.sort(np.random.default_rng(recipe.seed).permutation(len(val))[: recipe.eval.max_samples])
         val.pairs = [val.pairs[i] for i in keep]
         val.subset = True  # volumes are incomplete: no per-case 3D metrics
-    train.skipped = val.skipped = list(sources.skipped)
+    for dataset in (train, val):
+        if dataset is not None:
+            dataset.skipped = list(sources.skipped)
     return train, val

@@ -14,6 +14,12 @@ from collections import defaultdict
 import numpy as np
 
 
+def nan_mean(values) -> float:
+    """Mean of the values that are not NaN (absent classes/cases); NaN when none is left."""
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else math.nan
+
+
 class ClassIoUAccumulator:
     def __init__(self):
         self.counts = defaultdict(lambda: np.zeros(3, dtype=np.int64))  # class -> TP, FP, FN
@@ -49,8 +55,7 @@ class ClassIoUAccumulator:
             }
 
         def mean(key: str) -> float:
-            values = [c[key] for c in per_class.values() if not math.isnan(c[key])]
-            return float(np.mean(values)) if values else math.nan
+            return nan_mean(c[key] for c in per_class.values())
 
         return {
             "per_class": per_class,

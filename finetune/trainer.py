@@ -224,7 +224,7 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: str | Path, out_file: str | 
     """Rebuild the base model from the recipe, load the adapter folder, evaluate on the val split."""
     seed_everything(recipe.seed)
     device = resolve_device(recipe.train.device)
-    _, val_set = build_datasets(recipe, image_size_of(recipe))
+    _, val_set = build_datasets(recipe, image_size_of(recipe), training=False)
     model = load_checkpoint(checkpoint, lambda: build_base_model(recipe)).to(device)
     metrics = evaluate_with_recipe(model, val_set, recipe, device)
     metrics["checkpoint"] = str(checkpoint)

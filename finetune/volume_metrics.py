@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
+from samtune.finetune.metrics import nan_mean
+
 
 def case_scores(pred: np.ndarray, target: np.ndarray, spacing_mm: tuple[float, ...], tolerance_mm: float) -> dict:
     """Z×H×W bool prediction and ground truth of one class in one case -> dice, hd95_mm, nsd."""
@@ -65,8 +67,7 @@ class VolumeMetricAccumulator:
         per_class = {}
         for name, scores in rows.items():
             def mean(key: str) -> float:
-                values = [s[key] for s in scores if not math.isnan(s[key])]
-                return float(np.mean(values)) if values else math.nan
+                return nan_mean(s[key] for s in scores)
 
             per_class[name] = {
                 "dice": mean("dice"),
@@ -78,8 +79,7 @@ class VolumeMetricAccumulator:
             }
 
         def class_mean(key: str) -> float:
-            values = [c[key] for c in per_class.values() if not math.isnan(c[key])]
-            return float(np.mean(values)) if values else math.nan
+            return nan_mean(c[key] for c in per_class.values())
 
         return {
             "per_class": per_class,
