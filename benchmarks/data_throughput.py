@@ -29,18 +29,19 @@ from samtune.datasets import sample as S
 from samtune.datasets.cityscapes import CityscapesSource
 from samtune.datasets.nifti import NiftiSliceSource, read_dataset
 from samtune.datasets.synthetic import generate_cityscapes, generate_ct_phantom
+from samtune.adapters.preprocess import LongestSideTransform
+from samtune.constants import DEFAULT_WINDOW_HU
+from samtune.datasets.source import SliceSource
 from samtune.finetune.data import make_prompted
 from samtune.finetune.recipe import validate_recipe
 
 IMAGE_SIZE = 256
-WINDOW = (-160.0, 240.0)  # ct_abdomen
+WINDOW = DEFAULT_WINDOW_HU  # ct_abdomen
 
 
-class NaiveNiftiSource:
+class NaiveNiftiSource(SliceSource):
     """The same slices as a cached source, but every load re-reads its volume from disk:
     nibabel load + as_closest_canonical + window, written independently of samtune's volume code."""
-
-    ignore_index = 255
 
     def __init__(self, cached: NiftiSliceSource, cases):
         self.cached = cached  # for the slice list and index only (what sampling needs up front)
@@ -103,6 +104,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    transform = LongestSideTransform(IMAGE_SIZE)
     recipe = validate_recipe({"data": {"kind": "nifti", "root": "-"}, "prompts": {"positive_points": 0, "box_jitter_px": 5}})
 
     with tempfile.TemporaryDirectory(prefix="samtune-bench-") as tmp:
@@ -116,15 +118,15 @@ def main() -> None:
         build_s = time.perf_counter() - start
         naive_src = NaiveNiftiSource(cached_src, cases)
         check_same_output(
-            make_prompted(naive_src, recipe, IMAGE_SIZE, training=False),
-            make_prompted(cached_src, recipe, IMAGE_SIZE, training=False),
+            make_prompted(naive_src, recipe, transform, training=False),
+            make_prompted(cached_src, recipe, transform, training=False),
         )
         rows = []
-        naive_rate, *naive_s = samples_per_second(make_prompted(naive_src, recipe, IMAGE_SIZE, training=True), args.naive_samples)
+        naive_rate, *naive_s = samples_per_second(make_prompted(naive_src, recipe, transform, training=True), args.naive_samples)
         rows.append(("nifti naive (re-read volume per sample)", args.naive_samples, *naive_s, naive_rate))
-        cached_rate, *cached_s = samples_per_second(make_prompted(cached_src, recipe, IMAGE_SIZE, training=True), args.samples)
+        cached_rate, *cached_s = samples_per_second(make_prompted(cached_src, recipe, transform, training=True), args.samples)
         rows.append(("nifti cached (memory-mapped slices)", args.samples, *cached_s, cached_rate))
-        cs_rate, *cs_s = samples_per_second(make_prompted(CityscapesSource(cs_root, "train"), recipe, IMAGE_SIZE, training=True), args.samples)
+        cs_rate, *cs_s = samples_per_second(make_prompted(CityscapesSource(cs_root, "train"), recipe, transform, training=True), args.samples)
         rows.append(("cityscapes (512×256 PNG pairs)", args.samples, *cs_s, cs_rate))
 
     print(f"prompted samples at {IMAGE_SIZE}² with box prompts, 1 thread, 1 process; cache built once in {build_s:.2f} s (8 cases)")

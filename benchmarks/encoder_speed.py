@@ -15,7 +15,10 @@ import time
 import torch
 from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
-from samtune.adapters.lora import PRESETS, LoraSettings, select_lora_modules
+from samtune.adapters.lora import select_lora_modules
+from samtune.adapters.registry import family_of
+from samtune.constants import LORA_PRESETS
+from samtune.finetune.recipe import LoraSection
 
 VARIANTS = {  # width, depth, heads, global attention blocks (Kirillov et al., 2023)
     "vit_b": (768, 12, 12, [2, 5, 8, 11]),
@@ -41,8 +44,8 @@ def lora_counts(variant: str, rank: int = 4) -> list[tuple[str, int, int, int]]:
     decoder = sum(p.numel() for p in model.mask_decoder.parameters())
     total = sum(p.numel() for p in model.parameters())
     rows = []
-    for preset in PRESETS:
-        names = select_lora_modules(model, LoraSettings(preset=preset, rank=rank))
+    for preset in LORA_PRESETS:
+        names = select_lora_modules(model, family_of("sam-vit-base"), LoraSection(preset=preset, rank=rank))
         lora = sum(rank * (modules[n].in_features + modules[n].out_features) for n in names)
         trained_decoder = 0 if any(n.startswith("mask_decoder.") for n in names) else decoder
         rows.append((preset, len(names), lora, lora + trained_decoder))

@@ -19,9 +19,11 @@ from transformers import SamModel
 sys.path.insert(0, str(Path(__file__).parent))
 from encoder_speed import sam_config  # noqa: E402
 
-from samtune.adapters.lora import LoraSettings, prepare_trainable  # noqa: E402
+from samtune.adapters.lora import prepare_trainable  # noqa: E402
+from samtune.adapters.registry import family_of  # noqa: E402
 from samtune.datasets import sample as S  # noqa: E402
-from samtune.finetune.interaction import RoundSettings, run_rounds  # noqa: E402
+from samtune.finetune.interaction import run_rounds  # noqa: E402
+from samtune.finetune.recipe import LoraSection, PromptsSection  # noqa: E402
 from samtune.finetune.losses import make_mask_loss  # noqa: E402
 
 
@@ -52,11 +54,12 @@ def measure(args, precision: str, checkpointing: bool) -> tuple[float, float, fl
     base = SamModel(config)
     if checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = prepare_trainable(base, "lora", LoraSettings()).to(args.device).train()
+    family = family_of("sam-vit-base")
+    model = prepare_trainable(base, family, "lora", LoraSection()).to(args.device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = make_mask_loss(1.0, 20.0)
     batch = make_batch(args.batch, args.per_image, args.image_size, args.device)
-    rounds = RoundSettings(args.corrective_rounds)
+    prompts = PromptsSection(corrective_rounds=args.corrective_rounds)
     generator = torch.Generator(device=args.device).manual_seed(0)
     cuda = args.device.startswith("cuda")
     times = []
@@ -67,7 +70,7 @@ def measure(args, precision: str, checkpointing: bool) -> tuple[float, float, fl
                 torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            _, loss = run_rounds(model, batch, rounds, args.image_size, True, generator, loss_fn, 1.0)
+            _, loss = run_rounds(model, family, batch, prompts, args.image_size, True, generator, loss_fn, 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

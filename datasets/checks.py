@@ -34,7 +34,10 @@ class BadCase(SamtuneError):
     def __init__(self, case: str | None, file: str | Path | None, problem: str, fix: str = ""):
         self.case = case
         self.file = str(file) if file is not None else None
-        self.problem = problem.rstrip(".") + "." + (f" {fix.rstrip('.')}." if fix else "")
+        fix = fix.strip().rstrip(".")
+        if fix.split(" ", 1)[0].replace("-", "").isalpha():  # a sentence; not a key (data.x) or a path
+            fix = fix[:1].upper() + fix[1:]
+        self.problem = problem.rstrip(".") + "." + (f" {fix}." if fix else "")
         where = " ".join(p for p in (f"case {case}:" if case else "", f"{file}:" if file else "") if p)
         super().__init__(f"{where} {self.problem}".strip())
 
@@ -51,10 +54,27 @@ def handle_bad(bad: BadCase, on_bad_case: str, skipped: list[dict]) -> None:
     skipped.append(bad.record())
 
 
+_LOGGED_SKIPPED = 20  # the log names this many bad cases with their file and problem; inspect lists all
+
+
+def describe_skipped(record: dict) -> str:
+    """``case X (path/file.nii.gz): problem`` (or ``path/file: problem`` for a stray file)."""
+    case, file = record.get("case"), record.get("file")
+    if case:
+        where = f"case {case}" + (f" ({file})" if file else "")
+    else:
+        where = file or "?"
+    return f"{where}: {record.get('problem', '')}"
+
+
 def log_skipped(skipped: list[dict], what: str = "cases") -> None:
+    """One warning: how many were left out, then each one's case, file and problem."""
     if skipped:
         names = ", ".join(str(s["case"] or Path(s["file"] or "?").name) for s in skipped)
-        log.warning("data.on_bad_case=skip: %d %s left out: %s (see `samtune inspect` for why)", len(skipped), what, names)
+        lines = [f"  - {describe_skipped(s)}" for s in skipped[:_LOGGED_SKIPPED]]
+        if len(skipped) > _LOGGED_SKIPPED:
+            lines.append(f"  ... and {len(skipped) - _LOGGED_SKIPPED} more (`samtune inspect` lists every one)")
+        log.warning("data.on_bad_case=skip: %d %s left out: %s\n%s", len(skipped), what, names, "\n".join(lines))
 
 
 def is_junk(path: Path) -> bool:

@@ -5,20 +5,30 @@ labelIds are mapped to the 19 training ids of the official cityscapesScripts tab
 becomes 255 and is ignored by training and metrics. Where ``*_gtFine_labelTrainIds.png`` exists
 (written by cityscapesScripts' ``createTrainIdLabelImgs``) it is read as it is instead: the same
 values without the table lookup.
+
+Every label is read once when the source is built (in a few threads): it must be an 8-bit
+single-channel PNG the size of its image, holding labelIds 0..33 (trainIds files: 0..18 and 255);
+anything else is a ``BadCase`` (an error, or left out with ``data.on_bad_case: skip``). The
+per-class pixel counts are kept, so ``slice_classes`` never reads a label again.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal, Optional
 
 import cv2
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from samtune import SamtuneError
+from samtune.constants import IGNORE_INDEX
 from samtune.datasets.checks import BadCase, handle_bad
-
-IGNORE_INDEX = 255
+from samtune.datasets.formats import DemoKeys, DataSectionBase, register_format
+from samtune.datasets.source import DataSplit, SliceSource
 # trainId -> (name, labelId), from the official Cityscapes label table.
 TRAIN_CLASSES: tuple[tuple[str, int], ...] = (
     ("road", 7), ("sidewalk", 8), ("building", 11), ("wall", 12), ("fence", 13), ("pole", 17),
@@ -55,7 +65,87 @@ def read_png_rgb(path: Path) -> np.ndarray:
     return image if _IMREAD_RGB != cv2.IMREAD_COLOR else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-class CityscapesSource:
+N_LABEL_IDS = 34  # labelIds 0..33; license plate (-1) is never drawn into the PNGs (cityscapesScripts)
+_SCAN_THREADS = 8  # PNG decoding releases the GIL: labels are scanned in parallel
+
+
+def read_label_png(path: Path, stem: str | None = None) -> np.ndarray:
+    """H×W uint8 ids of an 8-bit single-channel (grey or palette) label PNG; anything else is a BadCase."""
+    label_ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # 8-bit grey PNG, as shipped
+    if label_ids is None or label_ids.ndim != 2 or label_ids.dtype != np.uint8:
+        try:  # palette PNGs and anything unusual: PIL keeps palette indices (OpenCV expands colours)
+            with Image.open(path) as img:
+                mode = img.mode
+                label_ids = np.asarray(img)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise BadCase(stem, path, f"not a readable label PNG, truncated or corrupt ({exc})", "re-download or re-extract it") from None
+        if label_ids.ndim != 2 or label_ids.dtype != np.uint8:
+            bits = "a 16-bit" if label_ids.dtype.itemsize == 2 else f"a {mode}"
+            raise BadCase(
+                stem, path, f"{bits} label PNG (shape {label_ids.shape}, {label_ids.dtype}); Cityscapes labels are "
+                "single-channel 8-bit PNGs of ids", "re-export it as an 8-bit grey PNG (the gtFine_labelIds.png of the "
+                "official download, or cityscapesScripts' json2labelImg), or remove the image",
+            )  # fmt: skip
+    return label_ids
+
+
+def _label_counts(path: Path, holds_train_ids: bool, stem: str) -> dict[int, int]:
+    """trainId -> pixels of one label file; ids that Cityscapes does not have are a BadCase."""
+    counts = np.bincount(read_label_png(path, stem).ravel(), minlength=256)
+    present = np.flatnonzero(counts).tolist()
+    if holds_train_ids:
+        unknown = [v for v in present if v >= len(TRAIN_CLASSES) and v != IGNORE_INDEX]
+        if unknown:
+            raise BadCase(
+                stem, path, f"holds values {unknown[:10]} ({int(counts[unknown].sum())} px) that are not Cityscapes "
+                f"trainIds (0..{len(TRAIN_CLASSES) - 1}, {IGNORE_INDEX} ignored)",
+                "regenerate the labelTrainIds files with cityscapesScripts' createTrainIdLabelImgs, or delete them "
+                "(the labelIds files are then mapped)",
+            )  # fmt: skip
+        return {v: int(counts[v]) for v in present if v != IGNORE_INDEX}
+    unknown = [v for v in present if v >= N_LABEL_IDS]
+    if unknown:
+        raise BadCase(
+            stem, path, f"holds ids {unknown[:10]} ({int(counts[unknown].sum())} px) that are not Cityscapes labelIds "
+            f"(0..{N_LABEL_IDS - 1}); they would silently be ignored", "regenerate the label from its "
+            "_gtFine_polygons.json with cityscapesScripts' json2labelImg, or remove the image (data.on_bad_case=skip "
+            "leaves it out); for a label set of your own use data.kind: folder2d with data.class_names",
+        )  # fmt: skip
+    train: dict[int, int] = {}
+    for v in present:
+        t = int(LABEL_TO_TRAIN[v])
+        if t != IGNORE_INDEX:
+            train[t] = train.get(t, 0) + int(counts[v])
+    return dict(sorted(train.items()))
+
+
+def _check_pair(pair: tuple[Path, Path, bool] | BadCase) -> dict[int, int] | BadCase:
+    """The label's trainId counts, or what is wrong with the pair (returned, not raised)."""
+    if isinstance(pair, BadCase):
+        return pair
+    image, label, holds_train_ids = pair
+    stem = image.name.replace("_leftImg8bit.png", "")
+    try:
+        CityscapesSource._check_sizes(image, label, stem)
+        return _label_counts(label, holds_train_ids, stem)
+    except BadCase as bad:
+        return bad
+
+
+def _scan_pairs(pairs: list):
+    """(pair, counts or BadCase) in order; every label is read once, in a few threads. Stopping
+    early (error mode raises on the first bad pair) cancels the labels not yet read."""
+    if len(pairs) < 4:
+        yield from ((pair, _check_pair(pair)) for pair in pairs)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, os.cpu_count() or 1))
+    try:
+        yield from zip(pairs, pool.map(_check_pair, pairs))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class CityscapesSource(SliceSource):
     """Image/label pairs of one split; labels as trainIds."""
 
     ignore_index = IGNORE_INDEX
@@ -80,26 +170,35 @@ class CityscapesSource:
         self.images: list[Path] = []
         self.labels: list[Path] = []
         self.train_ids: list[bool] = []  # label file holds trainIds already (no mapping)
+        self.counts: list[dict[int, int]] = []  # per image: trainId -> pixels (255 not counted)
         self.skipped: list[dict] = []
+        pairs: list[tuple[Path, Path, bool] | BadCase] = []
         for image in found:
             stem = image.name.replace("_leftImg8bit.png", "")
             folder = self.root / "gtFine" / split / image.parent.name
             label = folder / f"{stem}_gtFine_labelIds.png"
             train_ids = folder / f"{stem}_gtFine_labelTrainIds.png"
-            try:
-                chosen = train_ids if train_ids.is_file() else label
-                if not chosen.is_file():
-                    raise BadCase(
-                        stem, image, f"its label file {label} is missing",
-                        "put the gtFine labels beside leftImg8bit (same split/city), or remove the image",
-                    )  # fmt: skip
-                self._check_sizes(image, chosen, stem)
-            except BadCase as bad:
-                handle_bad(bad, on_bad_case, self.skipped)
-                continue
-            self.images.append(image)
-            self.labels.append(chosen)
-            self.train_ids.append(chosen is train_ids)
+            chosen = train_ids if train_ids.is_file() else label
+            if not chosen.is_file():
+                pairs.append(BadCase(
+                    stem, image, f"its label file {label} is missing",
+                    "put the gtFine labels beside leftImg8bit (same split/city), or remove the image",
+                ))  # fmt: skip
+            else:
+                pairs.append((image, chosen, chosen is train_ids))
+        scan = _scan_pairs(pairs)
+        try:
+            for pair, result in scan:
+                if isinstance(result, BadCase):
+                    handle_bad(result, on_bad_case, self.skipped)
+                    continue
+                image, chosen, holds_train_ids = pair
+                self.images.append(image)
+                self.labels.append(chosen)
+                self.train_ids.append(holds_train_ids)
+                self.counts.append(result)
+        finally:
+            scan.close()  # error mode: stop the threads now, not when the traceback is freed
         self.class_names = dict(CLASS_NAMES)
 
     @staticmethod
@@ -120,20 +219,12 @@ class CityscapesSource:
         return self.images[index].name.replace("_leftImg8bit.png", "")
 
     def load_label(self, index: int) -> np.ndarray:
-        label_ids = cv2.imread(str(self.labels[index]), cv2.IMREAD_UNCHANGED)  # 8-bit grey PNG, as shipped
-        if label_ids is None or label_ids.ndim != 2 or label_ids.dtype != np.uint8:
-            try:  # palette PNGs and anything unusual: PIL keeps palette indices (OpenCV expands colours)
-                with Image.open(self.labels[index]) as img:
-                    label_ids = np.asarray(img)
-            except OSError as exc:
-                raise SamtuneError(f"{self.labels[index]}: not a readable label PNG ({exc}); re-download or re-extract it.") from None
-        if label_ids.ndim != 2 or label_ids.dtype != np.uint8:
-            raise SamtuneError(f"{self.labels[index]}: expected a single-channel 8-bit label PNG, got shape {label_ids.shape} ({label_ids.dtype}).")
+        label_ids = read_label_png(self.labels[index], self.item_id(index))
         return label_ids if self.train_ids[index] else map_label_ids(label_ids)
 
     def slice_classes(self, index: int) -> dict[int, int]:
-        ids, counts = np.unique(self.load_label(index), return_counts=True)
-        return dict(zip(ids.tolist(), counts.tolist()))
+        """trainId -> pixels, counted when the source was built (the label is not read again)."""
+        return dict(self.counts[index])
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_png_rgb(self.images[index])
@@ -144,3 +235,27 @@ class CityscapesSource:
                 f"{self.labels[index]} is {label.shape[1]}×{label.shape[0]}; they must match."
             )
         return image, label
+
+
+class CityscapesData(DataSectionBase, DemoKeys):
+    """``data:`` for ``kind: cityscapes``."""
+
+    kind: Literal["cityscapes"] = Field(description="`cityscapes`: a leftImg8bit/ + gtFine/ tree")
+    train_split: str = Field("train", description="split used for training")
+    val_split: str = Field("val", description="split used for validation")
+    cities: Optional[list[str]] = Field(None, description="train only on these cities of `train_split` (default: all)")
+    val_cities: Optional[list[str]] = Field(None, description="validate only on these cities of `val_split` (default: all)")
+
+
+def _make_demo(folder: Path, seed: int) -> Path:
+    from samtune.datasets.synthetic import generate_cityscapes
+
+    return generate_cityscapes(folder / "cityscapes", seed=seed)
+
+
+@register_format(CityscapesData, make_demo=_make_demo)
+def open_cityscapes(section: CityscapesData, *, seed: int, on_bad_case: str, progress: bool = True) -> DataSplit:
+    """The official splits as they are (Cityscapes has fixed train/val/test)."""
+    train = CityscapesSource(section.root, section.train_split, on_bad_case, section.cities)
+    val = CityscapesSource(section.root, section.val_split, on_bad_case, section.val_cities)
+    return DataSplit(train, val, "cityscapes", train.skipped + val.skipped)

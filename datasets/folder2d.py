@@ -16,19 +16,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from samtune import SamtuneError
+from samtune.constants import IGNORE_INDEX
 from samtune.datasets.checks import BadCase, check_label_values, handle_bad, list_data_files
+from samtune.datasets.formats import CaseSplitKeys, DataSectionBase, register_format
+from samtune.datasets.source import DataSplit, SliceSource
+from samtune.datasets.splits import choose_split, unify_class_names
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")  # lossless only: JPEG changes values at edges
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,22 @@ def read_label_map(path: Path) -> np.ndarray:
                 _stem(path), path, f"a colour label image (shape {label.shape}); samtune needs single-channel class "
                 "indices", "convert colours to class ids (0 background, 1.. classes) and save as a grey or palette PNG",
             )  # fmt: skip
+    if label.dtype.kind in "ui" and label.dtype.itemsize > 1:  # 16-bit (or 32-bit) PNG/TIFF label maps
+        label = _narrow_label(label, path)
     return label.astype(np.uint8) if label.dtype == bool else label
+
+
+def _narrow_label(label: np.ndarray, path: Path) -> np.ndarray:
+    """A 16/32-bit label map as uint8 when its values fit (lossless), else a BadCase: samtune keeps
+    class ids in 8 bits (0 background, 1..254 classes, 255 ignored)."""
+    if label.size and (label.min() < 0 or label.max() > 255):
+        outside = np.unique(label[(label < 0) | (label > 255)])
+        raise BadCase(
+            _stem(path), path, f"a {label.dtype.itemsize * 8}-bit label map holding values {outside[:5].tolist()} outside "
+            "0..255; class ids must fit in 8 bits (0 background, 1..254 classes, 255 ignored)",
+            "save it as an 8-bit PNG of class indices (a binary mask saved as 0/65535: as 0/1)",
+        )  # fmt: skip
+    return label.astype(np.uint8)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -145,7 +165,7 @@ def image_size(path: Path) -> tuple[int, int]:
         raise BadCase(_stem(path), path, f"not a readable image, truncated or corrupt ({exc})", "re-export it or move it out") from None
 
 
-class Folder2DSource:
+class Folder2DSource(SliceSource):
     """Image/label pairs; each label read and checked once at construction (see module doc)."""
 
     def __init__(self, items: list[Item], class_names: dict[int, str] | None, on_bad_case: str = "error", progress: bool = False, desc: str = "labels"):
@@ -195,3 +215,27 @@ class Folder2DSource:
         if image.shape[:2] != label.shape:
             raise SamtuneError(f"{item.image}: image is {image.shape[1]}×{image.shape[0]} but its label {item.label} is {label.shape[1]}×{label.shape[0]}; they must match.")
         return image, label
+
+
+class Folder2DData(DataSectionBase, CaseSplitKeys):
+    """``data:`` for ``kind: folder2d``."""
+
+    kind: Literal["folder2d"] = Field(description="`folder2d`: images/ (PNG/JPEG/TIFF/BMP) + labels/ (PNG class-index maps) matched by file stem")
+
+
+@register_format(Folder2DData)
+def open_folder2d(section: Folder2DData, *, seed: int, on_bad_case: str, progress: bool = True) -> DataSplit:
+    """Validation from val/images + val/labels when present, else a split file or a seeded fraction."""
+    root = Path(section.root)
+    layout = discover_folder2d(root, on_bad_case)
+    if layout.val is None:
+        train_items, val_items = choose_split(layout.train, section, root, seed, layout.skipped)
+    else:
+        if section.split_file:
+            raise SamtuneError(f"data.split_file is set but {root / 'val'} exists: use one way to choose validation images.")
+        train_items, val_items = layout.train, layout.val
+    train = Folder2DSource(train_items, section.class_names, on_bad_case, progress, desc="train labels")
+    val = Folder2DSource(val_items, section.class_names, on_bad_case, progress, desc="val labels")
+    if section.class_names is None:
+        unify_class_names(train, val)
+    return DataSplit(train, val, "folder2d", layout.skipped + train.skipped + val.skipped, layout.notes)

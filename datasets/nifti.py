@@ -18,19 +18,28 @@ slice is an RGB image: the slice repeated, or with ``context_slices`` = k the sl
 from __future__ import annotations
 
 import json
+import logging
 import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import cv2
 import numpy as np
+from pydantic import Field, model_validator
 
 from samtune import SamtuneError
-from samtune.datasets.cache import VolumeSettings, prepare_cases
+from samtune.constants import DEFAULT_WINDOW_HU, IGNORE_INDEX, INTENSITY_PRESETS, MR_PERCENTILE
+from samtune.datasets.cache import VolumeSettings, default_cache_dir, prepare_cases
 from samtune.datasets.checks import BadCase, handle_bad, list_data_files
-from samtune.datasets.splits import split_by_fraction
-from samtune.datasets.volume import IGNORE_INDEX, read_case, scale_to_0_255
+from samtune.datasets.formats import DemoKeys, CaseSplitKeys, DataSectionBase, register_format
+from samtune.datasets.source import DataSplit, SliceSource
+from samtune.datasets.splits import choose_split, split_by_fraction, unify_class_names
+from samtune.datasets.volume import read_case, scale_to_0_255
+from samtune.suggest import did_you_mean
+
+log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -54,6 +63,7 @@ class NiftiDataset:
     channel_names: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # files ignored
     skipped: list[dict] = field(default_factory=list)  # bad cases found while listing (skip mode)
+    warnings: list[str] = field(default_factory=list)  # legal but suspicious (no dataset.json, v1 labels, ...)
 
 
 def _strip_suffix(name: str) -> str:
@@ -79,18 +89,55 @@ def _check_channel(channel: int, names: dict[int, str], where: Path) -> None:
         raise SamtuneError(f"data.channel={channel}: {where} has channels {listed}; choose one of them.")
 
 
-def _nnunet(root: Path, meta: dict, channel: int, ds: NiftiDataset, on_bad: str) -> None:
-    ending = meta.get("file_ending", ".nii.gz")
+def _nnunet_classes(labels: dict, path: Path, ds: NiftiDataset) -> dict[int, str]:
+    """Foreground classes (value -> name) of an nnU-Net v2 ``labels`` map (name -> int). An MSD /
+    nnU-Net v1 map (``"1": "liver"``, value -> name) is read as such, with a warning."""
+    if labels and all(re.fullmatch(r"\d+", str(k)) for k in labels) and all(isinstance(v, str) for v in labels.values()):
+        example = ", ".join(f'"{k}": "{v}"' for k, v in list(labels.items())[:2])
+        v2 = ", ".join(f'"{v}": {int(k)}' for k, v in list(labels.items())[:2])
+        ds.warnings.append(
+            f"{path}: 'labels' maps label values to names ({{{example}}}), the MSD / nnU-Net v1 style, but there is no "
+            "'training' list, so the folder is read as nnU-Net v2 (imagesTr/{case}_0000, labelsTr/); samtune reads the "
+            f"map as value -> name. nnU-Net v2 itself expects names -> values: write {{{v2}, ...}} to use this "
+            "dataset.json with nnU-Net"
+        )  # fmt: skip
+        return {int(k): str(v) for k, v in labels.items() if int(k) != 0}
     classes = {}
-    for name, value in meta["labels"].items():
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            raise SamtuneError(
+                f"{path}: label {name!r} has value {value!r}: a region (a list of label values, nnU-Net's region-based "
+                "training) is not supported; samtune trains one class per label value. Give each class a single "
+                'integer value, e.g. {"background": 0, "liver": 1}.'
+            )
         if not isinstance(value, int) or isinstance(value, bool):
             raise SamtuneError(
-                f"{root / 'dataset.json'}: label {name!r} has value {value!r}; samtune reads integer labels "
-                "(nnU-Net region-based labels are not supported)."
+                f"{path}: label {name!r} has value {value!r}; nnU-Net v2 'labels' map each class name to an integer "
+                'label value, e.g. {"background": 0, "liver": 1} (MSD / nnU-Net v1 map values to names: '
+                '{"0": "background", "1": "liver"}). Write the values as integers.'
             )
         if value != 0:
             classes[value] = name
-    ds.classes = classes
+    return classes
+
+
+def _channels_in_file(path: Path) -> int:
+    """Channels on the 4th axis of a NIfTI image, from its header (1 for 3D; 0 when unreadable)."""
+    import nibabel as nib  # only here: this module is imported with the recipe schema
+
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:  # unreadable files are reported when the case is read
+        return 0
+    shape = tuple(shape)
+    while len(shape) > 4 and shape[-1] == 1:
+        shape = shape[:-1]
+    return int(shape[3]) if len(shape) == 4 else 1
+
+
+def _nnunet(root: Path, meta: dict, channel: int, ds: NiftiDataset, on_bad: str) -> None:
+    ending = meta.get("file_ending", ".nii.gz")
+    ds.classes = _nnunet_classes(meta["labels"], root / "dataset.json", ds)
     ds.channel_names = {int(k): str(v) for k, v in (meta.get("channel_names") or meta.get("modality") or {}).items()}
     _check_channel(channel, ds.channel_names, root / "dataset.json")
     if not (root / "imagesTr").is_dir():
@@ -106,11 +153,15 @@ def _nnunet(root: Path, meta: dict, channel: int, ds: NiftiDataset, on_bad: str)
     for name in names:
         image = root / "imagesTr" / f"{name}_{channel:04d}{ending}"
         label = root / "labelsTr" / f"{name}{ending}"
+        index = 0
+        first = root / "imagesTr" / f"{name}_0000{ending}"
+        if channel > 0 and not image.is_file() and first.is_file() and _channels_in_file(first) > 1:
+            image, index = first, channel  # all channels in one 4D file: data.channel indexes its 4th axis
         problem = next((p for p in (image, label) if not p.is_file()), None)
         if problem is not None:
             handle_bad(BadCase(name, problem, "the file is missing", "every image needs its label file (and each channel file)"), on_bad, ds.skipped)
             continue
-        ds.cases.append(Case(name, image, label))
+        ds.cases.append(Case(name, image, label, index))
     if (root / "labelsTr").is_dir():
         labels, bad = list_data_files(root / "labelsTr", (ending.lower(),), "NIfTI label", ds.notes)
         for b in bad:
@@ -185,6 +236,13 @@ def discover_dataset(
     elif plain is not None:
         ds.layout = "folders"
         _folders(root, *plain, channel, ds, on_bad_case)
+        if not class_names and _looks_like_nnunet(plain[0], ds):
+            ds.warnings.append(
+                f"{meta_path}: missing, but {root.name}/ looks like an nnU-Net dataset ({plain[0].name}/{{case}}_0000.nii.gz "
+                f"with {plain[1].name}/); it is read as plain image/label folders and its classes are named class_<k> "
+                'after the label values found. Add dataset.json with "labels" (nnU-Net v2: {"background": 0, '
+                '"liver": 1, ...}), or set data.class_names (e.g. {1: liver})'
+            )  # fmt: skip
     else:
         raise SamtuneError(
             f"{meta_path}: missing, and no images/ + labels/ folders. data.root must be an nnU-Net v2 dataset "
@@ -205,6 +263,11 @@ def discover_dataset(
     return ds
 
 
+def _looks_like_nnunet(image_dir: Path, ds: NiftiDataset) -> bool:
+    """imagesTr/ (nnU-Net's folder name) or images named ``{case}_0000.nii.gz`` (channel files)."""
+    return image_dir.name == "imagesTr" or any(re.search(r"_\d{4}\.nii(\.gz)?$", c.image.name) for c in ds.cases)
+
+
 def read_dataset(root: str | Path) -> tuple[list[Case], dict[int, str]]:
     """Cases and foreground classes (label value -> name) of a dataset folder (errors on bad files)."""
     ds = discover_dataset(root)
@@ -223,18 +286,18 @@ def load_case(case: Case, window_hu: tuple[float, float]) -> tuple[np.ndarray, n
     return np.round(scale_to_0_255(raw.image, window_hu)).astype(np.uint8), raw.label, raw.spacing_mm
 
 
-class NiftiSliceSource:
+class NiftiSliceSource(SliceSource):
     """Axial slices of the given cases, from the preprocessing cache (``cache_dir``) or, without
     one, preprocessed into memory. ``empty_slice_ratio``: slices without any ``foreground`` class
     kept per foreground slice of each case (seeded); None keeps every slice."""
 
-    ignore_index = IGNORE_INDEX
+    volumetric = True
 
     def __init__(
         self,
         cases: list[Case],
         classes: dict[int, str] | None,
-        intensity: str | tuple[float, float] = (-160.0, 240.0),
+        intensity: str | tuple[float, float] = DEFAULT_WINDOW_HU,
         *,
         spacing_mm: tuple[float, float] | None = None,
         cache_dir: str | Path | None = None,
@@ -309,3 +372,114 @@ class NiftiSliceSource:
         # cv2.merge interleaves three planes ~20x faster than np.stack/np.repeat (hot path)
         image = cv2.merge([volume[max(z - k, 0)], volume[z], volume[min(z + k, last)]])
         return image, np.array(case.label[z])
+
+
+class NiftiData(DataSectionBase, CaseSplitKeys, DemoKeys):
+    """``data:`` for ``kind: nifti``."""
+
+    kind: Literal["nifti"] = Field(description="`nifti`: nnU-Net v2, MSD, or images/ + labels/ NIfTI folders")
+    channel: int = Field(0, ge=0, description="input channel: the index on the 4th axis of a multi-modal (4D) MSD image, or nnU-Net's `_000<channel>` file")
+    intensity: str | tuple[float, float] | None = Field(None, description="intensity to 0-255: `ct_abdomen` [-160, 240] HU (W400/L40), `ct_samed` [-125, 275], `ct_lung` [-1350, 150] (W1500/L-600), `ct_bone` [-500, 1300] (W1800/L400), `mr_percentile` (0.5-99.5 percentile of each volume), or [low, high]; default: `window_hu`")
+    window_hu: tuple[float, float] = Field(DEFAULT_WINDOW_HU, description="CT intensity window [low, high] in HU, scaled to 0-255 (default: abdomen W400/L40); used when `intensity` is not set")
+    spacing_mm: tuple[float, float] | None = Field(None, description="resample slices in-plane to this pixel spacing [x, y] in mm (image linear, labels nearest neighbour); default: keep the scan's")
+    context_slices: int = Field(0, ge=0, description="2.5D: 0 = the slice repeated as RGB; k = slices z-k, z, z+k as the three channels (clamped at the volume ends)")
+    empty_slice_ratio: float = Field(0.0, ge=0, description="slices without foreground kept per slice with foreground, per case (seeded); 0 keeps none. Prompted samples need an object, so kept empty slices are counted by `samtune inspect` but not trained on")
+    cache_dir: Optional[str] = Field(None, description="preprocessing cache (memory-mapped uint8 slices + slice index), rebuilt when files or settings change; default `<root>/.samtune_cache`, or `~/.cache/samtune` when `root` is read-only")
+
+    @model_validator(mode="after")
+    def _check_intensity(self):
+        problems = []
+        presets = sorted(INTENSITY_PRESETS) + [MR_PERCENTILE]
+        if isinstance(self.intensity, str) and self.intensity not in presets:
+            problems.append(f"data.intensity={self.intensity!r} is not a preset; {did_you_mean(self.intensity, presets)}(presets: {', '.join(presets)}, or [low, high])")
+        for key in ("intensity", "window_hu"):
+            value = getattr(self, key)
+            if isinstance(value, tuple) and not value[0] < value[1]:
+                problems.append(f"data.{key}={list(value)}: low must be below high")
+        if self.spacing_mm is not None and min(self.spacing_mm) <= 0:
+            problems.append(f"data.spacing_mm={list(self.spacing_mm)}: spacings must be positive (mm)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def intensity_setting(self) -> str | tuple[float, float]:
+        """``intensity`` (preset or [low, high]) when set, else the explicit ``window_hu``."""
+        if self.intensity is None:
+            return tuple(float(v) for v in self.window_hu)
+        return self.intensity if isinstance(self.intensity, str) else tuple(float(v) for v in self.intensity)
+
+
+def _class_ids(names: list[str] | None, class_names: dict[int, str] | None) -> set[int] | None:
+    """Label values of the classes named in ``data.classes`` (None: every class)."""
+    if not names:
+        return None
+    if class_names is not None:
+        return {k for k, v in class_names.items() if v in names}
+    return {int(m.group(1)) for n in names if (m := re.fullmatch(r"class_(\d+)", n))}
+
+
+def _make_demo(folder: Path, seed: int) -> Path:
+    from samtune.datasets.synthetic import generate_ct_phantom
+
+    return generate_ct_phantom(folder, seed=seed)
+
+
+def _image_channels(case) -> int:
+    """Channels of a cached case's image file (cache entries written before samtune recorded
+    them: read from the header)."""
+    channels = case.meta.get("channels")
+    return int(channels) if channels is not None else _channels_in_file(Path(case.meta.get("image_file", "")))
+
+
+def _channel_warning(cases: list, ds: NiftiDataset, channel: int, chosen: bool) -> str | None:
+    """Cases whose image is 4D (several modalities in one file): which channel is used, and how
+    to choose; a warning only when ``data.channel`` was left at its default."""
+    multi = [(c, n) for c in cases if (n := _image_channels(c)) > 1]
+    if not multi:
+        return None
+    case = multi[0][0]
+    counts = sorted({n for _, n in multi})
+    used = f"channel {channel}" + (f" ({ds.channel_names[channel]})" if channel in ds.channel_names else "")
+    if chosen:
+        log.info("data.channel=%d: %s of the 4D images is used", channel, used)
+        return None
+    names = f" (dataset.json: {', '.join(f'{k}: {v}' for k, v in sorted(ds.channel_names.items()))})" if len(ds.channel_names) > 1 else ""
+    listed = " (after listing every channel in dataset.json channel_names)" if ds.channel_names and len(ds.channel_names) < min(counts) else ""
+    v2 = (
+        "; nnU-Net v2 itself expects one 3D file per channel ({case}_0000, {case}_0001, ...)" if ds.layout == "nnunet_v2" else ""
+    )  # fmt: skip
+    return (
+        f"{len(multi)} of {len(cases)} cases have a 4D image holding {'/'.join(map(str, counts))} channels (modalities) "
+        f"in one file, e.g. case {case.name}: {case.meta.get('image_file')}; {used} is used, as data.channel is not "
+        f"set. Set data.channel to 0..{min(counts) - 1} to choose the channel{names}{listed}{v2}"
+    )
+
+
+@register_format(NiftiData, make_demo=_make_demo)
+def open_nifti(section: NiftiData, *, seed: int, on_bad_case: str, progress: bool = True) -> DataSplit:
+    """Cases split per patient, preprocessed into the slice cache, served as axial slices."""
+    root = Path(section.root)
+    ds = discover_dataset(root, section.channel, section.class_names, on_bad_case)
+    train_cases, val_cases = choose_split(ds.cases, section, root, seed, ds.skipped)
+    cache_dir = Path(section.cache_dir).expanduser() if section.cache_dir else default_cache_dir(root)
+    common = dict(
+        spacing_mm=tuple(section.spacing_mm) if section.spacing_mm else None, cache_dir=cache_dir,
+        context_slices=section.context_slices, empty_slice_ratio=section.empty_slice_ratio,
+        foreground=_class_ids(section.classes, ds.classes), seed=seed, on_bad_case=on_bad_case, progress=progress,
+    )  # fmt: skip
+    train = NiftiSliceSource(train_cases, ds.classes, section.intensity_setting(), desc="train cases", **common)
+    val = NiftiSliceSource(val_cases, ds.classes, section.intensity_setting(), desc="val cases", **common)
+    if ds.classes is None:
+        unify_class_names(train, val)
+    found = list(ds.warnings)
+    multi_channel = _channel_warning([c for src in (train, val) for c in src.cases], ds, section.channel, "channel" in section.model_fields_set)
+    if multi_channel:
+        found.append(multi_channel)
+    for warning in found:
+        log.warning("%s", warning)
+    warnings = found + [w for src in (train, val) for c in src.cases for w in c.meta["warnings"]]
+    background = [c.name for src in (train, val) for c in src.cases if c.meta["warnings"]]
+    if background:
+        log.warning("%d cases have an all-background label (legal, but check them): %s", len(background), ", ".join(background[:10]))
+    skipped = ds.skipped + train.skipped + val.skipped
+    return DataSplit(train, val, ds.layout, skipped, ds.notes, warnings, cache_dir, ds.channel_names)

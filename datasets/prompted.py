@@ -16,44 +16,48 @@ import torch
 from torch.utils.data import Dataset
 
 from samtune.datasets import sample as S
-from samtune.datasets.prompts import PromptSettings, sample_box, sample_points, split_objects
-from samtune.datasets.transforms import check_image_range, make_sam_transform, resized_shape
+from samtune.datasets.prompts import PromptOptions, sample_box, sample_points, split_objects
+from samtune.datasets.source import SliceSource
+from samtune.datasets.transforms import check_image_range
 
 
-class SliceSource(Protocol):
-    """A list of 2D images with label maps (class ids; ``ignore_index`` ignored)."""
+class InputTransform(Protocol):
+    """The model family's preprocessing (samtune.adapters.family.ModelFamily.make_transform):
+    ``transform(image=H×W×3, mask=H×W)`` -> {"image": S×S×3 float32 model input, "mask": S×S}."""
 
-    class_names: dict[int, str]
-    ignore_index: int
+    image_size: int
 
-    def __len__(self) -> int: ...
-    def item_id(self, index: int) -> str: ...
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]: ...  # H×W×3 uint8, H×W label
-    def slice_classes(self, index: int) -> dict[int, int]: ...  # class id -> pixels, without reading the image
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]: ...
+    def resized_shape(self, original_hw: tuple[int, int]) -> tuple[int, int]: ...  # (h, w) of the image inside S×S
 
 
 class PromptedDataset(Dataset):
     def __init__(
         self,
         source: SliceSource,
-        image_size: int,
-        prompts: PromptSettings,
+        transform: InputTransform,
+        prompts: PromptOptions,
         min_pixels: int,
         training: bool,
         seed: int,
         classes: list[str] | None = None,
         per_image: int = 1,
         augment: A.Compose | None = None,
+        max_samples: int | None = None,
     ):
+        """``max_samples`` (evaluation): keep a fixed, seeded subset of at most this many samples;
+        ``is_subset`` then tells that volumes are incomplete (no per-case 3D metrics)."""
         self.source = source
-        self.image_size = image_size
+        self.transform = transform
+        self.image_size = transform.image_size
         self.prompts = prompts
         self.min_pixels = min_pixels
         self.training = training
         self.seed = seed
         self.per_image = per_image if training else 1
         self.augment = augment if training else None
-        self.transform = make_sam_transform(image_size)
+        # points are only ever used when some first prompts are points: skip sampling them otherwise
+        self.n_points = (prompts.positive_points, prompts.negative_points) if prompts.box_probability < 1 else (0, 0)
         wanted = set(classes) if classes else None
         self.class_names = {k: v for k, v in source.class_names.items() if wanted is None or v in wanted}
         # (source index, class id, component rank) triples: the objects big enough to prompt.
@@ -68,6 +72,11 @@ class PromptedDataset(Dataset):
                     self.pairs.extend((index, class_id, k) for k in range(n))
                 else:
                     self.pairs.append((index, class_id, 0))
+        self.is_subset = False
+        if not training and max_samples is not None and len(self.pairs) > max_samples:
+            keep = np.sort(np.random.default_rng(seed).permutation(len(self.pairs))[:max_samples])
+            self.pairs = [self.pairs[i] for i in keep]
+            self.is_subset = True
         if training:  # training samples are images; each lists the classes it can prompt
             by_image: dict[int, list[int]] = {}
             for index, class_id, _ in self.pairs:
@@ -81,8 +90,9 @@ class PromptedDataset(Dataset):
     def _component_sizes(self, index: int, class_id: int) -> list[int]:
         """Pixel counts of one class's connected components, largest first: from the source's
         slice index when it has one (cached NIfTI), else from the label map."""
-        if hasattr(self.source, "slice_components"):
-            return list(self.source.slice_components(index).get(class_id, []))
+        indexed = self.source.slice_components(index)
+        if indexed is not None:
+            return list(indexed.get(class_id, []))
         label = self.source.load(index)[1]
         return [int(o.sum()) for o in split_objects(label == class_id, "component")]
 
@@ -126,13 +136,10 @@ class PromptedDataset(Dataset):
             else:  # smaller than one pixel after resizing: prompt with the scaled original box
                 objects.append((class_id, self._scaled_box_mask(label == class_id, original)))
         boxes, points, labels = [], [], []
-        resized = resized_shape(original, self.image_size)
+        resized = self.transform.resized_shape(original)
         for _, mask in objects:
             box = sample_box(mask, self.prompts.box_jitter_px, rng, self.prompts.box_jitter_frac, resized)
-            p, l = sample_points(
-                mask, box, self.prompts.positive_points, self.prompts.negative_points, self.prompts.point_placement,
-                rng, resized,
-            )  # fmt: skip
+            p, l = sample_points(mask, box, *self.n_points, self.prompts.point_placement, rng, resized)
             boxes.append(box), points.append(p), labels.append(l)
         meta = {
             "item": item,

@@ -15,7 +15,7 @@ Point labels follow SAM: 1 positive, 0 negative, -1 padding ("not a point").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,14 +24,16 @@ from scipy import ndimage
 PAD_LABEL = -1
 
 
-@dataclass(frozen=True)
-class PromptSettings:
-    per: str = "class"  # "class": all pixels of a class are one object; "component": each connected component
-    box_jitter_px: float = 5.0
-    box_jitter_frac: float = 0.0
-    positive_points: int = 1
-    negative_points: int = 0
-    point_placement: str = "uniform"  # "uniform" | "center"
+class PromptOptions(Protocol):
+    """What prompt sampling reads of the recipe's ``prompts:`` section (samtune.finetune.recipe)."""
+
+    per: str  # "class": all pixels of a class are one object; "component": each connected component
+    box_probability: float  # points are sampled only when some first prompts are points (< 1)
+    box_jitter_px: float
+    box_jitter_frac: float
+    positive_points: int
+    negative_points: int
+    point_placement: str  # "uniform" | "center"
 
 
 def box_from_mask(mask: np.ndarray) -> np.ndarray:

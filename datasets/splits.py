@@ -7,7 +7,6 @@ A split file is JSON, either ``{"train": [names], "val": [names]}`` or nnU-Net's
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 
 from samtune import SamtuneError
+from samtune.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,13 +83,32 @@ def split_by_file(
     val_names = [n for n in val_names if n not in skipped]
     missing = [n for n in train_names + val_names if n not in by_name]
     if missing:
-        close = difflib.get_close_matches(missing[0], list(by_name), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(missing[0], by_name, cutoff=0.6, fmt="{!r}")
         raise SamtuneError(
-            f"{path}: {len(missing)} names are not cases of the dataset: {missing[:5]}{hint}. Names are case names "
+            f"{path}: {len(missing)} names are not cases of the dataset: {missing[:5]}; {hint}Names are case names "
             "(NIfTI, without channel suffix or extension) or image file stems (folder2d)."
         )
     unused = len(by_name) - len(set(train_names) | set(val_names))
     if unused:
         log.info("split file %s: %d cases are in neither list and are not used", path, unused)
     return [by_name[n] for n in train_names], [by_name[n] for n in val_names]
+
+
+def choose_split(items: Sequence[T], section, root: Path, seed: int, skipped: list[dict]) -> tuple[list[T], list[T]]:
+    """Train/val items by ``section.split_file`` (and ``fold``) or a seeded ``section.val_fraction``;
+    ``section`` is a format's recipe section with the ``CaseSplitKeys``; items have a ``name``."""
+    name = lambda item: item.name  # noqa: E731
+    if section.split_file:
+        path = resolve_split_file(section.split_file, root)
+        train, val = split_by_file(items, path, section.fold, name, skipped={s["case"] for s in skipped if s["case"]})
+        log.info("split from %s (data.fold=%d applies to a list of folds)", path, section.fold)
+    else:
+        train, val = split_by_fraction(items, section.val_fraction, seed, name)
+    log.info("cases: %d train, %d val (%s)", len(train), len(val), ", ".join(name(c) for c in val[:20]))
+    return train, val
+
+
+def unify_class_names(train, val) -> None:
+    """Classes found in the labels (no class map given): the same map on both sides of the split."""
+    names = {**train.class_names, **val.class_names}
+    train.class_names = val.class_names = dict(sorted(names.items()))

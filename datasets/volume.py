@@ -15,23 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
-import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, io_orientation
-from scipy import ndimage
 
+from samtune.constants import IGNORE_INDEX, INTENSITY_PRESETS, MR_PERCENTILE, MR_PERCENTILES
 from samtune.datasets.checks import BadCase, check_finite_image, check_label_values
 
-IGNORE_INDEX = 255
-# Window presets, [low, high] in HU (level L, width W -> [L - W/2, L + W/2]).
-INTENSITY_PRESETS: dict[str, tuple[float, float]] = {
-    "ct_abdomen": (-160.0, 240.0),  # soft tissue W400/L40 (MedSAM)
-    "ct_samed": (-125.0, 275.0),  # SAMed on Synapse
-    "ct_lung": (-1350.0, 150.0),  # W1500/L-600
-    "ct_bone": (-500.0, 1300.0),  # W1800/L400
-}
-MR_PERCENTILE = "mr_percentile"
-MR_PERCENTILES = (0.5, 99.5)  # of all voxels of the volume
 _EIGHT_CONNECTED = np.ones((3, 3), bool)  # components as the prompt sampler splits them
 
 
@@ -45,9 +33,17 @@ class RawCase:
     axcodes: str  # orientation as stored, e.g. "LPS"
     shape: tuple[int, int, int]
     warnings: list[str] = field(default_factory=list)
+    channels: int = 1  # channels on the 4th axis of the image file (4D multi-modal: more than 1)
 
 
-def _load(path: Path, case: str) -> nib.spatialimages.SpatialImage:
+# nibabel and scipy are imported where they are used: this module is imported with the recipe
+# schema (the NIfTI format declares its recipe section), and `samtune validate` / `recipe-keys`
+# should not pay ~0.4 s for libraries that only reading a volume needs.
+
+
+def _load(path: Path, case: str):
+    import nibabel as nib
+
     try:
         return nib.load(str(path))
     except FileNotFoundError:
@@ -85,13 +81,13 @@ def read_case(
     name: str, image_path: Path, label_path: Path, channel: int = 0, classes: set[int] | None = None
 ) -> RawCase:
     """Read, check and canonicalise one case. ``channel`` indexes the 4th axis of a 4D image."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, io_orientation
+
     image_nii, label_nii = _load(image_path, name), _load(label_path, name)
     image_shape, label_shape = _squeeze_extra_axes(image_nii.shape), _squeeze_extra_axes(label_nii.shape)
     if len(label_shape) != 3:
-        raise BadCase(
-            name, label_path, f"the label is {len(label_shape)}D (shape {label_nii.shape}); samtune needs one 3D label "
-            "volume per case", "save a single 3D integer label map (not one channel per class)",
-        )  # fmt: skip
+        raise _label_dims(name, label_path, label_nii.shape, len(label_shape), len(image_shape))
     if len(image_shape) == 4:
         if not 0 <= channel < image_shape[3]:
             raise BadCase(
@@ -102,7 +98,11 @@ def read_case(
     elif len(image_shape) == 3:
         index = (slice(None),) * 3 + (0,) * (len(image_nii.shape) - 3)
     else:
-        raise BadCase(name, image_path, f"the image is {len(image_shape)}D (shape {image_nii.shape}); expected a 3D volume (or 4D with channels)")
+        raise BadCase(
+            name, image_path, f"the image is {len(image_shape)}D (shape {image_nii.shape}); expected a 3D volume (or 4D "
+            "with channels)", "for 2D images use data.kind: folder2d (PNG/TIFF images with PNG label maps)"
+            if len(image_shape) < 3 else "save one 3D volume per case (one file per channel, as nnU-Net v2)",
+        )  # fmt: skip
     if image_shape[:3] != label_shape:
         raise BadCase(
             name, label_path, f"image {image_path} has shape {image_shape[:3]} but label {label_path} has shape "
@@ -131,7 +131,24 @@ def read_case(
     spacing = tuple(float(zooms[int(np.flatnonzero(ornt[:, 0] == axis)[0])]) for axis in range(3))
     image, label = apply_orientation(image, ornt), apply_orientation(label, ornt)
     axcodes = "".join(c or "?" for c in nib.aff2axcodes(image_nii.affine))
-    return RawCase(image, label, spacing, axcodes, tuple(int(n) for n in image.shape), warnings)
+    channels = int(image_shape[3]) if len(image_shape) == 4 else 1
+    return RawCase(image, label, spacing, axcodes, tuple(int(n) for n in image.shape), warnings, channels)
+
+
+def _label_dims(name: str, label_path: Path, shape: tuple, ndim: int, image_ndim: int) -> BadCase:
+    """The problem with a label that is not one 3D volume: a 2D slice, or channels (one-hot)."""
+    if ndim < 3:
+        return BadCase(
+            name, label_path, f"the label is {ndim}D (shape {shape}); samtune needs one 3D label volume per case, on "
+            "the same grid as its image",
+            "save the segmentation of every slice of the scan as one 3D label map (integer class values)"
+            if image_ndim >= 3 else "for 2D images and label maps use data.kind: folder2d",
+        )  # fmt: skip
+    return BadCase(
+        name, label_path, f"the label is {ndim}D (shape {shape}); samtune needs one 3D label volume per case, not "
+        "one channel per class (one-hot) or per time point",
+        "save a single 3D integer label map (class k as value k, e.g. numpy.argmax over the channel axis)",
+    )  # fmt: skip
 
 
 def resolve_window(intensity, image: np.ndarray) -> tuple[float, float]:
@@ -181,6 +198,8 @@ def resample_in_plane(
 def index_slices(label_zhw: np.ndarray) -> list[dict[str, list]]:
     """Per slice: ``{"<class id>": [pixels, [component sizes, largest first]]}`` for every class
     present (not background 0, not ignored 255); components are 8-connected."""
+    from scipy import ndimage
+
     out = []
     for plane in label_zhw:
         counts = np.bincount(plane.ravel(), minlength=256)
@@ -215,5 +234,6 @@ def preprocess(raw: RawCase, intensity, spacing_mm: tuple[float, float] | None) 
         "voxels": {str(v): int(voxels[v]) for v in np.flatnonzero(voxels).tolist() if v not in (0, IGNORE_INDEX)},
         "slices": index_slices(label),
         "warnings": list(raw.warnings),
+        "channels": int(raw.channels),  # of the image file; > 1: a 4D multi-modal image, one channel used
     }
     return np.round(image).astype(np.uint8), label, meta

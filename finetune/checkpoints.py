@@ -1,11 +1,11 @@
 """Checkpoints as standard peft adapter folders, written atomically.
 
 In ``lora`` mode a folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (LoRA
-weights and the trained mask decoder); in ``decoder_only``/``full`` mode a transformers SamModel
-folder (``config.json``, ``model.safetensors``). Both get samtune's ``recipe.yaml`` and
-``trainer_state.json``. It is written
-to a temporary sibling and swapped in by rename, so an interrupted save never leaves a broken
-checkpoint where a good one was.
+weights and the trained mask decoder); in ``decoder_only``/``full`` mode the whole model as its
+family saves it (SAM: a transformers SamModel folder, ``config.json`` + ``model.safetensors``).
+Both get samtune's ``recipe.yaml`` and ``trainer_state.json``. A folder is written to a temporary
+sibling and swapped in by rename, so an interrupted save never leaves a broken checkpoint where a
+good one was.
 """
 
 from __future__ import annotations
@@ -17,13 +17,17 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import yaml
 from peft import PeftModel
-from transformers import SamModel
 
 from samtune import SamtuneError
+from samtune.adapters.family import ModelFamily
+
+# the recipe keys that decide which base model an adapter fits
+_BASE_KEYS = ("name", "checkpoint", "image_size", "init_seed")
 
 
-def save_checkpoint(model: PeftModel | SamModel, folder: Path, recipe_yaml: str, state: dict) -> None:
+def save_checkpoint(model, folder: Path, recipe_yaml: str, state: dict) -> None:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
@@ -43,23 +47,46 @@ def save_checkpoint(model: PeftModel | SamModel, folder: Path, recipe_yaml: str,
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(folder: str | Path, build_base: Callable[[], SamModel]):
-    """Load a checkpoint folder: a peft adapter onto ``build_base()``, or a full SamModel folder
-    (written by ``train.mode: decoder_only`` / ``full``)."""
+def _base_of(folder: Path) -> dict | None:
+    """``model:`` keys of the recipe saved with a checkpoint (None when it has none)."""
+    try:
+        saved = yaml.safe_load((folder / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    model = saved.get("model") if isinstance(saved, dict) else None
+    return {k: model.get(k) for k in _BASE_KEYS} if isinstance(model, dict) else None
+
+
+def _mismatch(folder: Path, base: dict | None) -> SamtuneError:
+    """A few lines instead of peft's size-mismatch dump (tens of thousands of characters)."""
+    expected = _base_of(folder)
+    if expected is None:
+        wanted = "a different base model (its recipe.yaml is missing, so which one is unknown)"
+    else:
+        wanted = "the base " + ", ".join(f"model.{k}={v!r}" for k, v in expected.items())
+    built = "" if base is None else "; the recipe builds " + ", ".join(f"model.{k}={v!r}" for k, v in base.items())
+    return SamtuneError(
+        f"--checkpoint {folder}: this adapter was trained on {wanted}{built}. Evaluate it with the recipe it "
+        f"was trained with ({folder / 'recipe.yaml'}), or set the model keys above to match."
+    )
+
+
+def load_checkpoint(folder: str | Path, family: ModelFamily, build_base: Callable[[], object], base_keys: dict | None = None):
+    """Load a checkpoint folder: a peft adapter onto ``build_base()``, or a whole model saved by
+    ``train.mode: decoder_only`` / ``full``. ``base_keys``: the recipe's ``model:`` keys, named
+    in the error when the adapter does not fit."""
     folder = Path(folder)
     if (folder / "adapter_config.json").is_file():
         if not (folder / "adapter_model.safetensors").is_file():
             raise SamtuneError(f"--checkpoint {folder}: adapter_model.safetensors is missing; the save was interrupted or the folder was copied incompletely.")
+        base = build_base()
         try:
-            return PeftModel.from_pretrained(build_base(), str(folder))
-        except RuntimeError as exc:  # size mismatch: the recipe builds a different base model
-            raise SamtuneError(
-                f"--checkpoint {folder}: does not fit the model the recipe builds ({exc}). Use the recipe "
-                f"the checkpoint was trained with ({folder / 'recipe.yaml'})."
-            ) from None
+            return PeftModel.from_pretrained(base, str(folder))
+        except RuntimeError:  # size mismatch: the recipe builds a different base model
+            raise _mismatch(folder, base_keys) from None
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return SamModel.from_pretrained(str(folder))
+        return family.load_full(folder)
     raise SamtuneError(
-        f"--checkpoint {folder}: neither a peft adapter folder (adapter_config.json) nor a SamModel folder "
+        f"--checkpoint {folder}: neither a peft adapter folder (adapter_config.json) nor a whole-model folder "
         "(config.json + model.safetensors); pass a folder written by `samtune train`, e.g. runs/demo/checkpoints/best."
     )

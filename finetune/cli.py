@@ -109,10 +109,10 @@ def _run(args: argparse.Namespace) -> int:
     from samtune.finetune.recipe import dump_recipe, load_recipe
 
     if args.command == "export":
-        from samtune.finetune import trainer
+        from samtune.finetune import api
 
         recipe = load_recipe(args.recipe or args.checkpoint / "recipe.yaml")
-        for path in trainer.export_checkpoint(recipe, args.checkpoint, args.format, args.out):
+        for path in api.export_checkpoint(recipe, args.checkpoint, args.format, args.out):
             print(path)
         return 0
 
@@ -128,12 +128,12 @@ def _run(args: argparse.Namespace) -> int:
             raise SamtuneError(f"{args.recipe}: data.root={recipe.data.root!r} does not exist (resolved to {root.resolve()}).")
         print(f"# {args.recipe}: valid")
         return 0
-    from samtune.finetune import trainer
+    from samtune.finetune import api
 
     if args.command == "train":
-        trainer.train(recipe)
+        api.train(recipe)
     elif args.command == "evaluate":
-        trainer.evaluate_checkpoint(recipe, args.checkpoint, args.out)
+        api.evaluate(recipe, args.checkpoint, args.out)
     return 0
 
 

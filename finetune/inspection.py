@@ -1,6 +1,6 @@
 """``samtune inspect``: what the recipe's data folder holds, and what is wrong with it, before training.
 
-The report is built from the same sources training uses (``data.build_sources``), always in
+The report is built from the same sources training uses (``data.open_split``), always in
 skip mode so that every problem is listed at once; for NIfTI this also fills the preprocessing
 cache, so a following ``samtune train`` starts at once. Keys of the JSON report (always all present):
 
@@ -18,7 +18,6 @@ cache, so a following ``samtune train`` starts at once. Keys of the JSON report 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -28,12 +27,14 @@ from tqdm.auto import tqdm
 
 from samtune import SamtuneError
 from samtune.datasets.cityscapes import map_label_ids
-from samtune.finetune.data import Sources, build_sources, intensity_of
+from samtune.datasets.source import DataSplit
+from samtune.files import write_json_atomic
+from samtune.finetune.data import open_split
 from samtune.finetune.recipe import Recipe
 
 def _empty_report(recipe: Recipe) -> dict:
     data = recipe.data
-    intensity = intensity_of(data) if data.kind == "nifti" else None
+    intensity = data.intensity_setting()
     return {
         "kind": data.kind, "layout": None, "root": str(data.root), "cache_dir": None,
         "cases": {"train": [], "val": []}, "slices": {"total": 0, "with_foreground": 0, "train": 0, "val": 0},
@@ -43,7 +44,7 @@ def _empty_report(recipe: Recipe) -> dict:
     }  # fmt: skip
 
 
-def _nifti_summary(sources: Sources, report: dict) -> None:
+def _nifti_summary(sources: DataSplit, report: dict) -> None:
     classes: dict[int, dict] = {}
     spacings, orientations, total, foreground = [], Counter(), 0, 0
     for side in ("train", "val"):
@@ -53,7 +54,6 @@ def _nifti_summary(sources: Sources, report: dict) -> None:
             meta = case.meta
             spacings.append(meta["original_spacing_mm"])
             orientations[meta["axcodes"]] += 1
-            report["warnings"].extend(meta["warnings"])
             total += len(meta["slices"])
             foreground += sum(1 for entry in meta["slices"] if entry)
             for value, voxels in meta["voxels"].items():
@@ -69,7 +69,7 @@ def _nifti_summary(sources: Sources, report: dict) -> None:
     _fill_classes(report, sources.train.class_names, classes)
 
 
-def _image_summary(sources: Sources, report: dict, progress: bool) -> None:
+def _image_summary(sources: DataSplit, report: dict, progress: bool) -> None:
     classes: dict[int, dict] = {}
     total = foreground = 0
     for side in ("train", "val"):
@@ -119,14 +119,15 @@ def inspect_data(recipe: Recipe, progress: bool = True) -> dict:
     """The report described in the module docstring."""
     report = _empty_report(recipe)
     try:
-        sources = build_sources(recipe, on_bad_case="skip", progress=progress, require_both=False)
+        sources = open_split(recipe, on_bad_case="skip", progress=progress, require_both=False)
     except SamtuneError as exc:
         report["problems"].append({"case": None, "file": None, "problem": str(exc)})
         return report
     report.update(layout=sources.layout, cache_dir=str(sources.cache_dir) if sources.cache_dir else None)
     report["problems"].extend(sources.skipped)
     report["notes"].extend(sources.notes)
-    if recipe.data.kind == "nifti":
+    report["warnings"].extend(sources.warnings)
+    if sources.train.volumetric:
         _nifti_summary(sources, report)
     else:
         _image_summary(sources, report, progress)
@@ -134,7 +135,7 @@ def inspect_data(recipe: Recipe, progress: bool = True) -> dict:
     for side in ("train", "val"):
         if not len(getattr(sources, side)):
             report["problems"].append({"case": None, "file": None, "problem": f"the {side} split is empty"})
-    if recipe.data.class_names is None and report["layout"] in ("folders", "folder2d"):
+    if report["layout"] in ("folders", "folder2d") and recipe.data.class_names is None:  # only these read class_names
         report["warnings"].append("no data.class_names: classes are named class_<value> from the label values found")
     return report
 
@@ -173,18 +174,11 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def run_inspect(recipe: Recipe, out: Path | None, progress: bool = True) -> int:
     """Print the report, write it as JSON; exit status 2 when there are problems, else 0."""
     report = inspect_data(recipe, progress)
     path = Path(out) if out else Path(recipe.output.dir) / "inspect.json"
-    write_report(report, path)
+    write_json_atomic(path, report)
     print(format_report(report))
     status = 2 if report["problems"] else 0
     print(f"{'problems found' if status else 'no problems'}; report written to {path}")

@@ -10,25 +10,18 @@ evaluation) counts. The image encoder runs once per image; decoder rounds reuse 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from samtune.adapters.sam_io import decode_prompts, encode_images, upscale_logits
+from samtune.adapters.family import ModelFamily
 from samtune.datasets import sample as S
 from samtune.datasets.prompts import sample_error_clicks
+from samtune.finetune.recipe import PromptsSection
 
 
-@dataclass(frozen=True)
-class RoundSettings:
-    corrective_rounds: int = 0
-    mask_only_rounds: int = 0
-    feed_mask: bool = True
-
-    @property
-    def total(self) -> int:
-        return 1 + self.corrective_rounds + self.mask_only_rounds
+def total_rounds(prompts: PromptsSection) -> int:
+    """The initial prompt, the corrective clicks, then the mask-only rounds."""
+    return 1 + prompts.corrective_rounds + prompts.mask_only_rounds
 
 
 def valid_region(meta: list[dict], per_image: int, image_size: int, device) -> torch.Tensor:
@@ -49,8 +42,9 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> t
 
 def run_rounds(
     model,
+    family: ModelFamily,
     batch: dict,
-    settings: RoundSettings,
+    prompts: PromptsSection,
     image_size: int,
     use_box: bool,
     generator: torch.Generator,
@@ -61,7 +55,7 @@ def run_rounds(
     (reduction="none") is given, the loss averaged over rounds."""
     device = batch[S.IMAGE].device
     per_image = batch[S.MASKS].shape[1]
-    embeddings = encode_images(model, batch[S.IMAGE]).repeat_interleave(per_image, 0)
+    embeddings = family.encode_images(model, batch[S.IMAGE]).repeat_interleave(per_image)
     target = batch[S.MASKS].flatten(0, 1)[:, None]  # N×1×S×S
     target_bool = target[:, 0] > 0.5
     valid = valid_region(batch[S.META], per_image, image_size, device)
@@ -74,13 +68,13 @@ def run_rounds(
     ambiguous = not use_box and points.shape[1] == 1
     previous = None
     outputs, losses = [], []
-    for round_index in range(settings.total):
+    for round_index in range(total_rounds(prompts)):
         multimask = ambiguous and round_index == 0
-        low_res, iou_pred = decode_prompts(
+        low_res, iou_pred = family.decode_prompts(
             model, embeddings, boxes, points, labels,
-            mask_inputs=previous if settings.feed_mask else None, multimask_output=multimask,
+            mask_inputs=previous if prompts.feed_mask else None, multimask_output=multimask,
         )  # fmt: skip
-        logits = upscale_logits(low_res.float(), image_size)  # N×M×S×S, float32 for the loss even under autocast
+        logits = family.upscale_logits(low_res.float(), image_size)  # N×M×S×S, float32 for the loss even under autocast
         if mask_loss is not None:
             per_mask = mask_loss(logits, target.expand_as(logits)).flatten(2).mean(2)  # N×M
             choice = per_mask.argmin(1, keepdim=True)
@@ -94,7 +88,7 @@ def run_rounds(
             iou_loss = F.mse_loss(iou_pred.gather(1, choice)[:, 0].float(), actual_iou)
             losses.append(per_mask.gather(1, choice).mean() + iou_weight * iou_loss)
         previous = low_res.gather(1, index.expand(-1, 1, *low_res.shape[2:])).detach()
-        if round_index < settings.corrective_rounds:
+        if round_index < prompts.corrective_rounds:
             click, click_label = sample_error_clicks(chosen[:, 0].detach() > 0, target_bool, valid, generator)
             points = torch.cat([points, click.to(points.dtype)], dim=1)
             labels = torch.cat([labels, click_label], dim=1)

@@ -8,20 +8,17 @@ closest valid key.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from samtune import SamtuneError
-from samtune.adapters.lora import LoraPreset
-
-
-class _Section(BaseModel):
-    # numbers are fine where text is expected (`model.checkpoint=2024`, `output.dir=2025`)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+from samtune.constants import LORA_PRESETS, LORA_ROLES, TRAIN_MODES
+from samtune.datasets.formats import DataSectionBase, all_formats, kinds_with_key
+from samtune.schema import Section as _Section
+from samtune.suggest import closest, did_you_mean
 
 
 class _OverrideLoader(yaml.SafeLoader):
@@ -34,48 +31,13 @@ _OverrideLoader.yaml_implicit_resolvers = {
 }
 
 
-class DataSection(_Section):
-    kind: Literal["cityscapes", "nifti", "folder2d"] = Field(description="dataset format: `cityscapes` (leftImg8bit/gtFine tree), `nifti` (nnU-Net v2, MSD, or images/ + labels/ NIfTI folders) or `folder2d` (images/ PNG/JPEG/TIFF + labels/ PNG label maps)")
-    root: str = Field(description="dataset folder (relative paths are relative to the current directory)")
-    generate_demo: bool = Field(False, description="when `root` does not exist, generate the synthetic demo dataset of this `kind` there (nifti, cityscapes)")
-    train_split: str = Field("train", description="Cityscapes split used for training")
-    val_split: str = Field("val", description="Cityscapes split used for validation")
-    cities: Optional[list[str]] = Field(None, description="Cityscapes: train only on these cities of `train_split` (default: all)")
-    val_cities: Optional[list[str]] = Field(None, description="Cityscapes: validate only on these cities of `val_split` (default: all)")
-    val_fraction: float = Field(0.25, gt=0, lt=1, description="NIfTI / folder2d: fraction of cases (patients) or images held out for validation, seeded by `seed` (without `split_file` or a val/ folder)")
-    split_file: Optional[str] = Field(None, description='NIfTI / folder2d: JSON split, `{"train": [names], "val": [names]}` or nnU-Net\'s splits_final.json (list of folds, see `fold`); a relative path is looked up in the current directory, then in `root`')
-    fold: int = Field(0, ge=0, description="fold of an nnU-Net splits_final.json `split_file`")
-    class_names: dict[int, str] | None = Field(None, description="label value -> class name, e.g. `{1: polyp}`, for images/ + labels/ folders (replaces dataset.json's labels); default `class_<k>` for every value found")
-    channel: int = Field(0, ge=0, description="NIfTI input channel: the index on the 4th axis of a multi-modal (4D) MSD image, or nnU-Net's `_000<channel>` file")
-    intensity: str | tuple[float, float] | None = Field(None, description="NIfTI intensity to 0-255: `ct_abdomen` [-160, 240] HU (W400/L40), `ct_samed` [-125, 275], `ct_lung` [-1350, 150] (W1500/L-600), `ct_bone` [-500, 1300] (W1800/L400), `mr_percentile` (0.5-99.5 percentile of each volume), or [low, high]; default: `window_hu`")
-    window_hu: tuple[float, float] = Field((-160.0, 240.0), description="NIfTI CT intensity window [low, high] in HU, scaled to 0-255 (default: abdomen W400/L40); used when `intensity` is not set")
-    spacing_mm: tuple[float, float] | None = Field(None, description="NIfTI: resample slices in-plane to this pixel spacing [x, y] in mm (image linear, labels nearest neighbour); default: keep the scan's")
-    context_slices: int = Field(0, ge=0, description="NIfTI 2.5D: 0 = the slice repeated as RGB; k = slices z-k, z, z+k as the three channels (clamped at the volume ends)")
-    empty_slice_ratio: float = Field(0.0, ge=0, description="NIfTI: slices without foreground kept per slice with foreground, per case (seeded); 0 keeps none. Prompted samples need an object, so kept empty slices are counted by `samtune inspect` but not trained on")
-    cache_dir: Optional[str] = Field(None, description="NIfTI preprocessing cache (memory-mapped uint8 slices + slice index), rebuilt when files or settings change; default `<root>/.samtune_cache`, or `~/.cache/samtune` when `root` is read-only")
-    on_bad_case: Literal["error", "skip"] = Field("error", description="unusable case or image (unreadable, shape/affine mismatch, unknown label values, NaN, ...): `error` stops naming the file and the fix; `skip` leaves it out, logs it and lists it in `samtune inspect`")
-    classes: Optional[list[str]] = Field(None, description="class names to train and evaluate on (default: all classes of the dataset)")
-    min_pixels: int = Field(10, ge=1, description="smallest object, in pixels of the original image/slice, that becomes a prompted sample")
+def _data_union():
+    """``data:`` is one of the registered formats' sections, told apart by ``kind``."""
+    sections = tuple(fmt.section for fmt in all_formats().values())
+    return Annotated[Union[sections], Field(discriminator="kind")]  # noqa: UP007 (a runtime tuple)
 
-    @model_validator(mode="after")
-    def _check_data(self):
-        from samtune.datasets.volume import INTENSITY_PRESETS, MR_PERCENTILE
 
-        problems = []
-        presets = sorted(INTENSITY_PRESETS) + [MR_PERCENTILE]
-        if isinstance(self.intensity, str) and self.intensity not in presets:
-            close = difflib.get_close_matches(self.intensity, presets, n=1, cutoff=0.5)
-            hint = f"did you mean `{close[0]}`? " if close else ""
-            problems.append(f"data.intensity={self.intensity!r} is not a preset; {hint}(presets: {', '.join(presets)}, or [low, high])")
-        for key in ("intensity", "window_hu"):
-            value = getattr(self, key)
-            if isinstance(value, tuple) and not value[0] < value[1]:
-                problems.append(f"data.{key}={list(value)}: low must be below high")
-        if self.spacing_mm is not None and min(self.spacing_mm) <= 0:
-            problems.append(f"data.spacing_mm={list(self.spacing_mm)}: spacings must be positive (mm)")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+DataSection = _data_union()
 
 
 class ModelSection(_Section):
@@ -86,12 +48,21 @@ class ModelSection(_Section):
 
 
 class LoraSection(_Section):
-    preset: LoraPreset = Field("encoder_qkv", description="where LoRA goes: `encoder_qkv` (fused q,k,v of every encoder block, as SAMed), `encoder_qkv_proj`, `encoder_all_linear` (qkv, proj, MLP), `decoder_attention` (mask-decoder attention q/k/v/out), `encoder_qkv+decoder_attention`")
+    preset: str = Field("encoder_qkv", description="where LoRA goes, by role: `encoder_attention` (= `encoder_qkv`: the attention's q,k,v projections of every encoder block, as SAMed), `encoder_attention_out`, `encoder_mlp`, `decoder_attention` (mask-decoder attention q/k/v/out), or roles joined by `+`; also `encoder_qkv_proj` (attention + its output), `encoder_all_linear` (attention, output, MLP)")
     target_modules: Optional[str] = Field(None, description="regex (full match on module names) used instead of the preset, e.g. `.*vision_encoder\\.layers\\.\\d+\\.attn\\.qkv`")
     blocks: Optional[list[int]] = Field(None, description="restrict encoder LoRA to these block indexes; negative counts from the end (`[-4, -3, -2, -1]` = last 4)")
     rank: int = Field(4, ge=1, description="LoRA rank r")
     alpha: float = Field(4.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        names = list(dict.fromkeys([*LORA_PRESETS, *LORA_ROLES]))
+        unknown = [part for part in value.split("+") if part not in names]
+        if value not in LORA_PRESETS and unknown:
+            raise ValueError(f"{unknown[0]!r} is not a preset or role; {did_you_mean(unknown[0], names)}(known: {', '.join(names)})")
+        return value
 
 
 class AdapterSection(_Section):
@@ -99,7 +70,7 @@ class AdapterSection(_Section):
 
 
 class TrainSection(_Section):
-    mode: Literal["lora", "decoder_only", "full"] = Field("lora", description="`lora`: frozen encoders + LoRA + trained mask decoder; `decoder_only`: frozen encoders, mask decoder trained; `full`: every weight trained")
+    mode: Literal[TRAIN_MODES] = Field("lora", description="`lora`: frozen encoders + LoRA + trained mask decoder; `decoder_only`: frozen encoders, mask decoder trained; `full`: every weight trained")
     gradient_checkpointing: bool = Field(False, description="recompute image-encoder block activations in the backward pass: less memory, more time (figures in the README)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast the forward passes to bfloat16 (GPUs from Ampere on; weights and optimiser stay float32)")
     steps: int = Field(500, ge=1, description="optimiser steps")
@@ -195,29 +166,56 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "command line
     return raw
 
 
-def _section_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = Recipe
+def _walk_loc(loc: tuple) -> tuple[type[BaseModel] | None, tuple]:
+    """The section a pydantic error location points into, and the location as the user writes it
+    (``("data", "nifti", "window_hu")`` -> NiftiData, ``("data", "window_hu")``: the kind tag is
+    pydantic's, not a key)."""
+    model: type[BaseModel] | None = Recipe
+    shown: list = []
     for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if model is None or not isinstance(part, str):
+            return None, tuple(shown) + (part,)
+        if model is _DataHolder:  # inside data: the union tag selects the format's section
+            model = all_formats()[part].section if part in all_formats() else None
+            continue
+        field = model.model_fields.get(part)
+        shown.append(part)
         annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if field is not None and part == "data" and model is Recipe:
+            model = _DataHolder
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
         else:
-            return None
-    return model
+            model = None
+    return (None if model is _DataHolder else model), tuple(shown)
+
+
+class _DataHolder:
+    """Marker for the discriminated ``data`` union while walking an error location."""
 
 
 def _format_error(err: dict) -> str:
     loc = tuple(err["loc"])
-    path = ".".join(str(p) for p in loc)
+    parent, shown_parent = _walk_loc(loc[:-1]) if loc else (None, ())
+    path = ".".join(str(p) for p in (shown_parent + loc[-1:] if loc else ()))
     if err["type"] == "extra_forbidden":
-        parent = _section_at(loc[:-1])
+        key = str(loc[-1])
         valid = sorted(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"; did you mean `{'.'.join(str(p) for p in loc[:-1] + (close[0],))}`?" if close else ""
+        if shown_parent == ("data",):
+            owners = kinds_with_key(key)
+            if owners:
+                kind = loc[1] if len(loc) > 2 else "?"
+                return f"`{path}`: a key of data.kind={' / '.join(owners)}, not of data.kind={kind} (valid here: {', '.join(valid)})"
+        match = closest(key, valid)
+        hint = f"; did you mean `{'.'.join(str(p) for p in shown_parent + (match,))}`?" if match else ""
         return f"`{path}`: unknown key{hint} (valid here: {', '.join(valid)})"
     if err["type"] == "missing":
         return f"`{path}`: required key is missing"
+    if err["type"] == "union_tag_not_found":
+        return f"`{path}.kind`: required key is missing (one of: {', '.join(all_formats())})"
+    if err["type"] == "union_tag_invalid":
+        tag = str(err.get("ctx", {}).get("tag"))
+        return f"`{path}.kind` = {tag!r}: unknown data format; {did_you_mean(tag, all_formats())}(one of: {', '.join(all_formats())})"
     shown = err.get("input")
     shown = repr(shown) if not isinstance(shown, dict) else "{...}"
     return f"`{path}` = {shown}: {err['msg']}"
@@ -257,19 +255,37 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def _rows(model: type[BaseModel], prefix: str, skip: set[str] = frozenset()) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _rows(annotation, f"{prefix}{name}.")
+            continue
+        if prefix == "" and name == "data":
+            rows += _data_rows()
+            continue
+        default = "required" if field.is_required() else field.get_default(call_default_factory=True)
+        default = f"`{default}`" if default != "required" else "*required*"
+        rows.append(f"| `{prefix}{name}` | {default} | {field.description} |")
+    return rows
+
+
+def _data_rows() -> list[str]:
+    """``data.*``: the keys every format has, then each format's own, under a row naming its kind."""
+    common = set(DataSectionBase.model_fields)
+    first = next(iter(all_formats().values())).section
+    rows = _rows(first, "data.", skip=set(first.model_fields) - common)
+    rows[0] = f"| `data.kind` | *required* | {DataSectionBase.model_fields['kind'].description} |"
+    for kind, fmt in all_formats().items():
+        rows.append(f"| ***data.kind: {kind}*** | | {fmt.section.model_fields['kind'].description}; also: |")
+        own = [n for n in fmt.section.model_fields if n not in common]
+        rows += _rows(fmt.section, "data.", skip=set(fmt.section.model_fields) - set(own))
+    return rows
+
+
 def recipe_table() -> str:
     """Markdown table of every recipe key: the README's recipe section is generated from this."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                walk(annotation, f"{prefix}{name}.")
-                continue
-            default = "required" if field.is_required() else field.get_default(call_default_factory=True)
-            default = f"`{default}`" if default != "required" else "*required*"
-            rows.append(f"| `{prefix}{name}` | {default} | {field.description} |")
-
-    walk(Recipe, "")
-    return "\n".join(rows)
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *_rows(Recipe, "")])

@@ -6,10 +6,8 @@ adapter folders), ``metrics.json`` (final model; ``baseline`` = before fine-tuni
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
@@ -20,71 +18,28 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from samtune import SamtuneError
-from samtune.adapters.lora import LoraSettings, count_parameters, prepare_trainable
-from samtune.adapters.registry import build_sam, get_variant
+from samtune.adapters.lora import count_parameters, prepare_trainable
 from samtune.datasets import sample as S
-from samtune.finetune.checkpoints import load_checkpoint, save_checkpoint
+from samtune.files import write_atomic, write_json_atomic
+from samtune.finetune.checkpoints import save_checkpoint
 from samtune.finetune.data import build_datasets
-from samtune.finetune.evaluation import evaluate
-from samtune.finetune.interaction import RoundSettings, run_rounds
+from samtune.finetune.evaluation import evaluate, uses_box
+from samtune.finetune.interaction import run_rounds
 from samtune.finetune.losses import make_mask_loss
 from samtune.finetune.metrics import format_table
 from samtune.finetune.recipe import Recipe, dump_recipe
+from samtune.finetune.runtime import (
+    autocast, build_base_model, check_writable, image_size_of, model_family, resolve_device, seed_everything,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SamtuneError(f"train.device={name!r}: CUDA is not available on this machine; use auto or cpu.")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    """bfloat16 autocast for ``train.precision: bf16`` (no loss scaling needed, unlike float16)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def image_size_of(recipe: Recipe) -> int:
-    return recipe.model.image_size or get_variant(recipe.model.name).default_image_size
-
-
-def build_base_model(recipe: Recipe):
-    model = build_sam(
-        recipe.model.name, recipe.model.checkpoint, image_size=image_size_of(recipe), init_seed=recipe.model.init_seed
-    )
-    # recorded by peft as adapter_config.json's base_model_name_or_path
-    model.name_or_path = recipe.model.checkpoint or recipe.model.name
-    return model
-
-
-def round_settings(recipe: Recipe) -> RoundSettings:
-    p = recipe.prompts
-    return RoundSettings(p.corrective_rounds, p.mask_only_rounds, p.feed_mask)
-
-
-def lora_settings(recipe: Recipe) -> LoraSettings:
-    lora = recipe.adapter.lora
-    blocks = tuple(lora.blocks) if lora.blocks is not None else None
-    return LoraSettings(lora.rank, lora.alpha, lora.dropout, lora.preset, lora.target_modules, blocks)
-
-
-def evaluate_with_recipe(model, val_set, recipe: Recipe, device: torch.device, desc: str = "eval") -> dict:
+def evaluate_with_recipe(model, family, val_set, recipe: Recipe, device: torch.device, desc: str = "eval") -> dict:
     """Evaluation as the recipe prescribes it (prompts, rounds, precision): the same call during
     training and in `samtune evaluate`, so both give the same numbers."""
     with autocast(device, recipe.train.precision):
-        return evaluate(
-            model, val_set, recipe.eval.batch_size, device, round_settings(recipe),
-            recipe.prompts.box_probability >= 0.5, recipe.seed, desc,
-        )  # fmt: skip
+        return evaluate(model, family, val_set, recipe, device, desc)
 
 
 def describe_volume(metrics: dict) -> str:
@@ -100,37 +55,31 @@ def describe_volume(metrics: dict) -> str:
 
 def describe_prompts(recipe: Recipe) -> str:
     p = recipe.prompts
-    first = "box" if p.box_probability >= 0.5 else f"{p.positive_points}+/{p.negative_points}- point"
+    first = "box" if uses_box(recipe) else f"{p.positive_points}+/{p.negative_points}- point"
     rounds = f" + {p.corrective_rounds} corrective clicks" if p.corrective_rounds else ""
     return f"{first} prompts from ground truth{rounds}, per {p.per}"
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
-    tmp.replace(path)
-
-
 def train(recipe: Recipe) -> dict:
     """Run one fine-tuning; returns the final metrics (also written to ``metrics.json``)."""
-    out = Path(recipe.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(recipe.output.dir)
     recipe_yaml = dump_recipe(recipe)
-    (out / "recipe.yaml").write_text(recipe_yaml)
+    write_atomic(out / "recipe.yaml", recipe_yaml)
     seed_everything(recipe.seed)
     device = resolve_device(recipe.train.device)
     image_size = image_size_of(recipe)
+    family = model_family(recipe)
     if recipe.train.precision == "bf16" and device.type == "cpu":
         log.warning("train.precision=bf16 on the CPU is slow on most processors; running it anyway")
 
-    train_set, val_set = build_datasets(recipe, image_size)
+    data = build_datasets(recipe, family.make_transform(image_size))
+    train_set, val_set = data.train, data.val
     log.info("training on %d images/slices with objects; validating on %d prompted objects", len(train_set), len(val_set))
     base = build_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = prepare_trainable(base, recipe.train.mode, lora_settings(recipe)).to(device)
-    params = count_parameters(model)
+    model = prepare_trainable(base, family, recipe.train.mode, recipe.adapter.lora).to(device)
+    params = count_parameters(model, family)
     log.info(
         "parameters (%s): %s trainable of %s total — %s",
         recipe.train.mode, f"{params['trainable']:,}", f"{params['total']:,}",
@@ -138,10 +87,8 @@ def train(recipe: Recipe) -> dict:
     )
 
     # LoRA's B starts at zero, the rest at the base weights: this is the model before fine-tuning.
-    rounds = round_settings(recipe)
-
     def run_eval(desc: str) -> dict:
-        return evaluate_with_recipe(model, val_set, recipe, device, desc)
+        return evaluate_with_recipe(model, family, val_set, recipe, device, desc)
 
     baseline = run_eval("eval (before)")
     log.info("before fine-tuning: mIoU %.4f", baseline["miou"])
@@ -172,7 +119,7 @@ def train(recipe: Recipe) -> dict:
         batch = {k: (v.to(device) if k != S.META else v) for k, v in batch.items()}
         use_box = bool(prompt_rng.random() < recipe.prompts.box_probability)
         with autocast(device, recipe.train.precision):
-            _, loss = run_rounds(model, batch, rounds, image_size, use_box, click_generator, loss_fn, recipe.loss.iou_weight)
+            _, loss = run_rounds(model, family, batch, recipe.prompts, image_size, use_box, click_generator, loss_fn, recipe.loss.iou_weight)
         if not torch.isfinite(loss):
             raise SamtuneError(f"loss became {loss.item()} at step {step}; lower train.lr (now {recipe.train.lr}).")
         optimizer.zero_grad(set_to_none=True)
@@ -209,37 +156,12 @@ def train(recipe: Recipe) -> dict:
         history=history,
         parameters=params,
         train_seconds=round(time.perf_counter() - started, 1),
-        skipped_cases=list(getattr(train_set, "skipped", [])) + list(getattr(val_set, "skipped", [])),
+        skipped_cases=data.skipped,
         device=str(device),
     )
-    write_json(out / "metrics.json", result)
+    write_json_atomic(out / "metrics.json", result)
     print(format_table({"before fine-tuning": baseline, f"after {recipe.train.steps} steps": metrics}, title=f"validation, {describe_prompts(recipe)}"))
     if "volume" in metrics:
         print(describe_volume(metrics))
     print(f"mIoU {baseline['miou']:.3f} -> {metrics['miou']:.3f} ({metrics['miou'] - baseline['miou']:+.3f}); files in {out}")
     return result
-
-
-def evaluate_checkpoint(recipe: Recipe, checkpoint: str | Path, out_file: str | Path | None) -> dict:
-    """Rebuild the base model from the recipe, load the adapter folder, evaluate on the val split."""
-    seed_everything(recipe.seed)
-    device = resolve_device(recipe.train.device)
-    _, val_set = build_datasets(recipe, image_size_of(recipe), training=False)
-    model = load_checkpoint(checkpoint, lambda: build_base_model(recipe)).to(device)
-    metrics = evaluate_with_recipe(model, val_set, recipe, device)
-    metrics["checkpoint"] = str(checkpoint)
-    out_path = Path(out_file) if out_file else Path(recipe.output.dir) / "eval" / "metrics.json"
-    write_json(out_path, metrics)
-    print(format_table({Path(checkpoint).name: metrics}, title=f"validation, {describe_prompts(recipe)}"))
-    if "volume" in metrics:
-        print(describe_volume(metrics))
-    print(f"mIoU {metrics['miou']:.3f}; written to {out_path}")
-    return metrics
-
-
-def export_checkpoint(recipe: Recipe, checkpoint: str | Path, fmt: str, out: str | Path) -> list[Path]:
-    """Load a checkpoint on the recipe's base model and export it merged (see adapters/export.py)."""
-    from samtune.adapters.export import export_model
-
-    model = load_checkpoint(checkpoint, lambda: build_base_model(recipe))
-    return export_model(model, fmt, out)

@@ -36,7 +36,9 @@ def test_tiny_training_on_cuda(tmp_path):
 def test_gradient_checkpointing_saves_memory_on_vit_b():
     from transformers import SamConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
-    from samtune.adapters.lora import LoraSettings, prepare_trainable
+    from samtune.adapters.lora import prepare_trainable
+    from samtune.adapters.registry import family_of
+    from samtune.finetune.recipe import LoraSection
 
     def peak_bytes(checkpointing: bool) -> tuple[float, int]:
         torch.manual_seed(0)
@@ -44,7 +46,7 @@ def test_gradient_checkpointing_saves_memory_on_vit_b():
         base = SamModel(config)
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = prepare_trainable(base, "lora", LoraSettings()).cuda().train()
+        model = prepare_trainable(base, family_of("sam-vit-base"), "lora", LoraSection()).cuda().train()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         pixels = torch.randn(2, 3, 1024, 1024, device="cuda")

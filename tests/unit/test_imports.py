@@ -43,7 +43,8 @@ def test_discovery_finds_the_expected_modules():
     for name in (
         "samtune.finetune.recipe", "samtune.finetune.metrics", "samtune.finetune.cli",
         "samtune.datasets.cityscapes", "samtune.datasets.nifti", "samtune.datasets.prompted",
-        "samtune.adapters.lora", "samtune.adapters.registry", "samtune.adapters.sam_io",
+        "samtune.adapters.lora", "samtune.adapters.registry", "samtune.adapters.sam", "samtune.adapters.family",
+        "samtune.datasets.formats", "samtune.constants", "samtune.files",
     ):  # fmt: skip
         assert name in MODULES
 
@@ -102,3 +103,18 @@ def test_nothing_installed_under_the_bare_names():
     import json
 
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {n: False for n in BARE}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["recipe-keys"], ["validate", "recipes/demo.yaml"]])
+def test_light_commands_do_not_import_torch(argv):
+    """`samtune --help`, `recipe-keys` and `validate` answer without loading torch, transformers,
+    peft or MONAI (several seconds on a laptop); see README "Measured figures"."""
+    code = (
+        "import sys\nfrom samtune.finetune.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'monai', 'albumentations') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY []"

@@ -1,6 +1,6 @@
-"""Bad data: every way a case or image can be wrong gives one SamtuneError naming the file (and the
-fix), or with ``data.on_bad_case: skip`` is left out and listed; harmless oddities are notes or
-warnings, never errors."""
+"""Bad data (datasets/checks.py and the readers that use it): every way a case or image can be wrong gives one
+SamtuneError naming the file (and the fix), or with ``data.on_bad_case: skip`` is left out and listed; harmless
+oddities are notes or warnings, never errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 from samtune import SamtuneError
-from samtune.finetune.data import build_datasets, build_sources
+from samtune.adapters.preprocess import LongestSideTransform
+from samtune.finetune.data import build_datasets, open_split
 from samtune.finetune.recipe import validate_recipe
+
 
 SHAPE = (16, 16, 6)
 CASES = ("c0", "c1", "c2", "c3")
@@ -136,11 +138,11 @@ def test_bad_case_is_a_clear_error_or_skipped(tmp_path, breakage):
     root = _nnunet(tmp_path / "Dataset001_Bad")
     path, fragment = breakage(root)
     with pytest.raises(SamtuneError, match=fragment) as info:
-        build_sources(_recipe(root, cache_dir=str(tmp_path / "cache")), progress=False)
+        open_split(_recipe(root, cache_dir=str(tmp_path / "cache")), progress=False)
     assert str(path) in str(info.value)
     assert "Traceback" not in str(info.value)
 
-    sources = build_sources(_recipe(root, cache_dir=str(tmp_path / "cache"), on_bad_case="skip"), progress=False)
+    sources = open_split(_recipe(root, cache_dir=str(tmp_path / "cache"), on_bad_case="skip"), progress=False)
     assert len(sources.skipped) == 1
     record = sources.skipped[0]
     assert set(record) == {"case", "file", "problem"} and record["file"] == str(path)
@@ -154,15 +156,15 @@ def test_bad_case_is_a_clear_error_or_skipped(tmp_path, breakage):
 def test_skipped_cases_reach_the_datasets_and_the_log(tmp_path, caplog):
     root = _nnunet(tmp_path / "Dataset001_Bad")
     _nan_voxels(root)
-    train, val = build_datasets(_recipe(root, on_bad_case="skip"), image_size=32, progress=False)
-    assert train.skipped == val.skipped and [s["case"] for s in train.skipped] == ["c1"]
+    data = build_datasets(_recipe(root, on_bad_case="skip"), LongestSideTransform(32), progress=False)
+    assert [s["case"] for s in data.skipped] == ["c1"]  # once: it used to be listed by both sides
     assert any("1 cases left out: c1" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
 
 def test_all_background_label_is_a_warning_not_an_error(tmp_path):
     root = _nnunet(tmp_path / "Dataset001_Bad")
     _save(np.zeros(SHAPE, np.uint8), _label(root))
-    sources = build_sources(_recipe(root), progress=False)
+    sources = open_split(_recipe(root), progress=False)
     assert sources.skipped == []
     case = next(c for c in sources.train.cases if c.name == "c1")
     assert case.meta["warnings"] and "all background" in case.meta["warnings"][0]
@@ -172,7 +174,7 @@ def test_macos_forks_and_hidden_files_are_notes(tmp_path):
     root = _nnunet(tmp_path / "Dataset001_Bad")
     (root / "imagesTr" / "._c0_0000.nii.gz").write_bytes(b"\x00\x05\x16\x07")
     (root / "labelsTr" / ".DS_Store").write_bytes(b"\x00")
-    sources = build_sources(_recipe(root), progress=False)
+    sources = open_split(_recipe(root), progress=False)
     assert sources.skipped == []
     assert any("._c0_0000.nii.gz" in n and "macOS" in n for n in sources.notes)
 
@@ -182,10 +184,9 @@ def test_all_cases_of_a_side_bad_is_a_clear_error(tmp_path):
     _nan_voxels(root)
     _save(np.zeros(SHAPE, np.int16), _image(root, "c3"))  # the only val case
     with pytest.raises(SamtuneError, match="validation split has no images or slices left"):
-        build_sources(_recipe(root, on_bad_case="skip"), progress=False)
+        open_split(_recipe(root, on_bad_case="skip"), progress=False)
 
 
-# ------------------------------------------------------------------------------------- 2D
 def _folder2d(root: Path) -> Path:
     rng = np.random.default_rng(0)
     for i in range(4):
@@ -244,9 +245,9 @@ def test_bad_2d_pair_is_a_clear_error_or_skipped(tmp_path, breakage):
     path, fragment = breakage(root)
     data = {"kind": "folder2d", "root": str(root), "class_names": {1: "lung"}, "split_file": str(root / "split.json")}
     with pytest.raises(SamtuneError, match=fragment) as info:
-        build_sources(validate_recipe({"data": data}), progress=False)
+        open_split(validate_recipe({"data": data}), progress=False)
     assert str(path) in str(info.value)
-    sources = build_sources(validate_recipe({"data": {**data, "on_bad_case": "skip"}}), progress=False)
+    sources = open_split(validate_recipe({"data": {**data, "on_bad_case": "skip"}}), progress=False)
     assert [s["file"] for s in sources.skipped] == [str(path)]
     assert [sources.train.item_id(i) for i in range(len(sources.train))] == ["im0", "im2"]
 
@@ -256,5 +257,30 @@ def test_binary_masks_saved_as_0_255_work_when_255_is_a_class(tmp_path):
     for i in range(4):
         Image.fromarray((np.asarray(Image.open(root / "labels" / f"im{i}.png")) * 255).astype(np.uint8)).save(root / "labels" / f"im{i}.png")
     data = {"kind": "folder2d", "root": str(root), "class_names": {255: "polyp"}, "split_file": str(root / "split.json")}
-    sources = build_sources(validate_recipe({"data": data}), progress=False)
+    sources = open_split(validate_recipe({"data": data}), progress=False)
     assert sources.train.ignore_index == -1 and sources.train.slice_classes(0) == {255: 150}
+
+
+def test_skip_log_names_each_case_with_its_file_and_problem(caplog):
+    from samtune.datasets.checks import BadCase, log_skipped
+
+    records = [
+        BadCase("c1", "/data/labelsTr/c1.nii.gz", "the label holds NaN or infinite values", "re-export it").record(),
+        BadCase(None, "/data/imagesTr/notes.txt", "not a NIfTI image file").record(),
+    ]
+    with caplog.at_level("WARNING"):
+        log_skipped(records)
+    message = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "2 cases left out" in message
+    assert "case c1 (/data/labelsTr/c1.nii.gz): the label holds NaN or infinite values. Re-export it." in message
+    assert "/data/imagesTr/notes.txt: not a NIfTI image file." in message
+
+
+def test_skip_log_is_capped_but_says_how_many_more(caplog):
+    from samtune.datasets.checks import BadCase, log_skipped
+
+    records = [BadCase(f"c{i}", f"/d/c{i}.nii.gz", "broken").record() for i in range(25)]
+    with caplog.at_level("WARNING"):
+        log_skipped(records)
+    message = caplog.records[-1].getMessage()
+    assert "case c19 (/d/c19.nii.gz): broken." in message and "case c20 (" not in message and "and 5 more" in message

@@ -1,4 +1,4 @@
-"""2D sources: generic image/label folders (``data.kind: folder2d``) and Cityscapes' labelTrainIds."""
+"""datasets/folder2d.py: generic image/label folders (``data.kind: folder2d``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from samtune import SamtuneError
-from samtune.datasets.cityscapes import CityscapesSource, map_label_ids
 from samtune.datasets.folder2d import Folder2DSource, discover_folder2d, read_rgb
-from samtune.finetune.data import build_datasets, build_sources
-from samtune.finetune.inspection import inspect_data
+from samtune.adapters.preprocess import LongestSideTransform
+from samtune.finetune.data import build_datasets, open_split
 from samtune.finetune.recipe import validate_recipe
+
 
 H, W = 24, 32
 
@@ -74,29 +74,29 @@ def test_palette_labels_give_their_indices(folder):
 
 def test_val_folder_fraction_and_split_file(folder):
     base = {"kind": "folder2d", "root": str(folder), "class_names": {1: "polyp", 2: "tool"}}
-    by_fraction = build_sources(validate_recipe({"data": {**base, "val_fraction": 0.34}}), progress=False)
+    by_fraction = open_split(validate_recipe({"data": {**base, "val_fraction": 0.34}}), progress=False)
     train_names = [i.name for i in by_fraction.train.items]
     val_names = [i.name for i in by_fraction.val.items]
     assert len(val_names) == 2 and not set(train_names) & set(val_names) and len(train_names) == 4
-    again = build_sources(validate_recipe({"data": {**base, "val_fraction": 0.34}}), progress=False)
+    again = open_split(validate_recipe({"data": {**base, "val_fraction": 0.34}}), progress=False)
     assert [i.name for i in again.val.items] == val_names  # seeded
     (folder / "split.json").write_text(json.dumps({"train": ["frame00", "frame01"], "val": ["frame05"]}))
-    split = build_sources(validate_recipe({"data": {**base, "split_file": "split.json"}}), progress=False)
+    split = open_split(validate_recipe({"data": {**base, "split_file": "split.json"}}), progress=False)
     assert [i.name for i in split.train.items] == ["frame00", "frame01"] and [i.name for i in split.val.items] == ["frame05"]
     for i in (6, 7):
         _write_pair(folder / "val", f"val{i}", i)
-    with_val = build_sources(validate_recipe({"data": base}), progress=False)
+    with_val = open_split(validate_recipe({"data": base}), progress=False)
     assert len(with_val.train) == 6 and [i.name for i in with_val.val.items] == ["val6", "val7"]
     with pytest.raises(SamtuneError, match="use one way"):
-        build_sources(validate_recipe({"data": {**base, "split_file": "split.json"}}), progress=False)
+        open_split(validate_recipe({"data": {**base, "split_file": "split.json"}}), progress=False)
 
 
 def test_class_names_default_to_label_values(folder):
     recipe = validate_recipe({"data": {"kind": "folder2d", "root": str(folder)}, "model": {"image_size": 32}})
-    sources = build_sources(recipe, progress=False)
+    sources = open_split(recipe, progress=False)
     assert sources.train.class_names == sources.val.class_names == {1: "class_1", 2: "class_2"}
-    train, val = build_datasets(recipe, image_size=32, progress=False)
-    assert len(train) > 0 and len(val) > 0 and train.skipped == []
+    data = build_datasets(recipe, LongestSideTransform(32), progress=False)
+    assert len(data.train) > 0 and len(data.val) > 0 and data.skipped == []
 
 
 def test_notes_for_forks_and_labels_without_images(folder):
@@ -112,46 +112,17 @@ def test_missing_folders_is_a_clear_error(tmp_path):
         discover_folder2d(tmp_path)
 
 
-# ------------------------------------------------------------------------------ Cityscapes
-
-
-def _write_train_ids(root: Path) -> list[Path]:
-    """What cityscapesScripts' createTrainIdLabelImgs writes, from the official table."""
-    written = []
-    for label_ids in sorted(root.glob("gtFine/*/*/*_gtFine_labelIds.png")):
-        train_ids = label_ids.with_name(label_ids.name.replace("_labelIds", "_labelTrainIds"))
-        Image.fromarray(map_label_ids(np.asarray(Image.open(label_ids)))).save(train_ids)
-        written.append(train_ids)
-    return written
-
-
-def test_label_train_ids_are_used_when_present_and_agree(cs_root):
-    mapped = CityscapesSource(cs_root, "train")
-    expected = [mapped.load_label(i) for i in range(len(mapped))]
-    assert mapped.train_ids == [False, False]
-    _write_train_ids(cs_root)
-    src = CityscapesSource(cs_root, "train")
-    assert src.train_ids == [True, True] and all(p.name.endswith("_gtFine_labelTrainIds.png") for p in src.labels)
-    for i in range(len(src)):
-        np.testing.assert_array_equal(src.load_label(i), expected[i])  # both agree
-        np.testing.assert_array_equal(src.load(i)[1], expected[i])
-    assert src.slice_classes(0) == mapped.slice_classes(0)
-
-
-def test_inspect_flags_train_ids_that_disagree_with_label_ids(cs_root):
-    written = _write_train_ids(cs_root)
-    recipe = validate_recipe({"data": {"kind": "cityscapes", "root": str(cs_root)}})
-    assert inspect_data(recipe, progress=False)["problems"] == []
-    train_ids = next(p for p in written if "/train/" in str(p))
-    wrong = np.asarray(Image.open(train_ids)).copy()
-    wrong[wrong == 0] = 1  # road as sidewalk: another label table
-    Image.fromarray(wrong).save(train_ids)
-    problems = inspect_data(recipe, progress=False)["problems"]
-    assert len(problems) == 1 and problems[0]["file"] == str(train_ids) and "createTrainIdLabelImgs" in problems[0]["problem"]
-
-
-def test_cityscapes_skip_mode_lists_a_missing_label(cs_root):
-    missing = next(cs_root.glob("gtFine/train/*/*_gtFine_labelIds.png"))
-    missing.unlink()
-    src = CityscapesSource(cs_root, "train", on_bad_case="skip")
-    assert len(src) == 1 and len(src.skipped) == 1 and str(missing) in src.skipped[0]["problem"]
+def test_sixteen_bit_label_maps_are_read_as_8_bit_or_skipped(folder):
+    Image.fromarray(_label(0).astype(np.uint16)).save(folder / "labels" / "frame00.png")  # 16-bit, small ids: fine
+    mask = (_label(1) > 0).astype(np.uint16) * 65535  # a binary mask saved as 16-bit 0/65535
+    Image.fromarray(mask).save(folder / "labels" / "frame01.png")
+    items = discover_folder2d(folder).train
+    with pytest.raises(SamtuneError, match=r"16-bit label map holding values \[65535\]") as info:
+        Folder2DSource(items, {1: "polyp", 2: "tool"})
+    assert str(folder / "labels" / "frame01.png") in str(info.value)
+    src = Folder2DSource(items, {1: "polyp", 2: "tool"}, on_bad_case="skip")
+    assert [s["file"] for s in src.skipped] == [str(folder / "labels" / "frame01.png")] and "8-bit" in src.skipped[0]["problem"]
+    assert src.item_id(0) == "frame00"
+    label = src.load(0)[1]
+    assert label.dtype == np.uint8
+    np.testing.assert_array_equal(label, _label(0))

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+import transformers
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/ has no __init__.py
+sys.path.insert(0, str(Path(__file__).parent))  # helpers_official.py lies beside this file; tests/ has no __init__.py
 import helpers_official  # noqa: E402
 
-from samtune.adapters import official  # noqa: E402
-from samtune.adapters.official import CheckpointError  # noqa: E402
+from samtune.adapters import checkpoint_files, official, official_config, official_keys, position_tables  # noqa: E402
+from samtune.adapters.checkpoint_files import CheckpointError  # noqa: E402
 
 TOLERANCE = 1e-4  # max abs diff, float32
 # Small but structurally complete: 2 windowed + 2 global blocks, windows that tile the 8x8 grid,
@@ -122,22 +123,22 @@ def test_image_embeddings_match_official(small_official, small_hf, image):
 
 
 def test_inferred_config(small_official):
-    config = official.hf_config_from_official(small_official[1])
+    config = official_config.hf_config_from_official(small_official[1])
     vision = config.vision_config
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (64, 4, 2)
     assert list(vision.global_attn_indexes) == [1, 3] and vision.window_size == 4
     assert (vision.image_size, vision.patch_size, vision.mlp_dim, vision.output_channels) == (128, 16, 256, 32)
     assert config.prompt_encoder_config.image_embedding_size == GRID
     assert config.mask_decoder_config.mlp_dim == 64 and config.mask_decoder_config.iou_head_hidden_dim == 32
-    assert official.guess_official_variant(small_official[1]) == "custom"
+    assert official_config.guess_official_variant(small_official[1]) == "custom"
 
 
 def test_round_trip_is_exact_and_loads_into_official(small_official):
     sam, sd = small_official
-    config = official.hf_config_from_official(sd)
-    hf_sd = official.official_to_hf_state_dict(sd, config)
-    assert set(hf_sd) == set(official.transformers.SamModel(config).state_dict())  # every key accounted for
-    back = official.hf_to_official_state_dict(hf_sd)
+    config = official_config.hf_config_from_official(sd)
+    hf_sd = official_keys.official_to_hf_state_dict(sd, config)
+    assert set(hf_sd) == set(transformers.SamModel(config).state_dict())  # every key accounted for
+    back = official_keys.hf_to_official_state_dict(hf_sd)
     assert set(back) == set(sd)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     fresh = helpers_official.build_official_sam(**SMALL)
@@ -146,7 +147,7 @@ def test_round_trip_is_exact_and_loads_into_official(small_official):
 
 def test_export_from_loaded_model(small_official, small_hf):
     """A loaded (e.g. fine-tuned) SamModel exports to the exact official state dict."""
-    back = official.hf_to_official_state_dict(small_hf.state_dict())
+    back = official_keys.hf_to_official_state_dict(small_hf.state_dict())
     sd = small_official[1]
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
@@ -162,7 +163,7 @@ def test_loaded_model_is_trainable_tied_and_owns_its_tensors(small_official):
     hf_sd = dict(model.state_dict())
     hf_sd["prompt_encoder.shared_embedding.positional_embedding"] = torch.zeros(2, 16)  # untied and changed
     with pytest.raises(CheckpointError, match="tie_weights"):
-        official.hf_to_official_state_dict(hf_sd)
+        official_keys.hf_to_official_state_dict(hf_sd)
 
 
 def test_pixel_constants_are_dropped(small_official):
@@ -184,7 +185,7 @@ def test_file_layouts(small_official, tmp_path, layout):
         obj = {"model-wrapper": {"model": sd, "epoch": 3}, "state_dict-wrapper": {"state_dict": sd},
                "ddp-prefix": {f"module.{k}": v for k, v in sd.items()}}[layout]
         torch.save(obj, path)
-    loaded = official.load_state_dict_file(path)
+    loaded = checkpoint_files.load_state_dict_file(path)
     assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
 
 
@@ -200,8 +201,8 @@ def fake_encoder(width: int, depth: int) -> dict:
 
 @pytest.mark.parametrize("variant", ["vit_b", "vit_l", "vit_h"])
 def test_guess_official_variant(variant):
-    width, depth, _, _ = official.OFFICIAL_VARIANTS[variant]
-    assert official.guess_official_variant(fake_encoder(width, depth)) == variant
+    width, depth, _, _ = official_config.OFFICIAL_VARIANTS[variant]
+    assert official_config.guess_official_variant(fake_encoder(width, depth)) == variant
 
 
 def test_vit_l_checkpoint_under_vit_b_name():
@@ -291,9 +292,9 @@ def test_load_at_other_image_size(small_checkpoint, size):
 
 
 def test_same_image_size_is_bit_identical(small_official, small_checkpoint, small_hf):
-    config = official.hf_config_from_official(small_official[1], image_size=SMALL["image_size"])
-    hf_sd = official.official_to_hf_state_dict(small_official[1], config)
-    resized = official.resize_position_tables(hf_sd, config)
+    config = official_config.hf_config_from_official(small_official[1], image_size=SMALL["image_size"])
+    hf_sd = official_keys.official_to_hf_state_dict(small_official[1], config)
+    resized = position_tables.resize_position_tables(hf_sd, config)
     assert all(resized[k] is hf_sd[k] for k in hf_sd)
     model = official.load_official_into_hf(small_checkpoint, image_size=SMALL["image_size"])
     reference = small_hf.state_dict()
@@ -304,8 +305,8 @@ def test_rel_pos_resize_matches_official_on_the_fly_interpolation(small_official
     """Resizing a global table ahead of time equals what the official attention does when lengths differ."""
     modeling = helpers_official.import_official_modeling()
     table = small_official[1]["image_encoder.blocks.1.attn.rel_pos_h"]  # (2*8-1, 32)
-    config = official.hf_config_from_official(small_official[1], image_size=256)
-    resized = official.resize_position_tables({"vision_encoder.layers.1.attn.rel_pos_h": table}, config)
+    config = official_config.hf_config_from_official(small_official[1], image_size=256)
+    resized = position_tables.resize_position_tables({"vision_encoder.layers.1.attn.rel_pos_h": table}, config)
     new = resized["vision_encoder.layers.1.attn.rel_pos_h"]
     grid = 256 // 16
     get_rel_pos = sys.modules[modeling.ImageEncoderViT.__module__].get_rel_pos
@@ -321,7 +322,7 @@ def test_vit_b_full_size_matches_official():
         torch.manual_seed(3)
         sam = helpers_official.perturb_parameters(helpers_official.build_official_sam(768, 12, 12, (2, 5, 8, 11)))
     sd = sam.state_dict()
-    assert official.guess_official_variant(sd) == "vit_b"
+    assert official_config.guess_official_variant(sd) == "vit_b"
     model = official.load_official_into_hf(sd, expected_variant="sam-vit-base")
     vision = model.config.vision_config
     assert list(vision.global_attn_indexes) == [2, 5, 8, 11] and vision.window_size == 14

@@ -71,17 +71,6 @@ def test_ct_layout_and_dataset_json(ct_root):
     assert not [p for p in ct_root.parent.iterdir() if p.name.startswith(".tmp")]  # no leftovers
 
 
-def test_ct_reads_with_the_project_loader(ct_root):
-    from samtune.datasets.nifti import load_case, read_dataset
-
-    cases, classes = read_dataset(ct_root)
-    assert [c.name for c in cases] == ["phantom_000", "phantom_001"]
-    assert classes == {1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left"}
-    image, label, spacing = load_case(cases[0], (-160.0, 240.0))
-    assert image.shape == label.shape == (48, 48, 12)
-    assert spacing == pytest.approx((3.0, 3.0, 5.0))
-
-
 @pytest.mark.parametrize("case", [0, 1])
 def test_ct_geometry_dtypes_and_labels(ct_root, case):
     img = nib.load(ct_root / "imagesTr" / f"phantom_{case:03d}_0000.nii.gz")
@@ -234,15 +223,6 @@ def test_cityscapes_deterministic_and_seed_dependent(cs_root, tmp_path):
     assert other.keys() == same.keys()
     name = "gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png"
     assert other[name] != same[name]
-
-
-def test_cityscapes_reads_with_the_project_loader(cs_root):
-    from samtune.datasets.cityscapes import CityscapesSource
-
-    src = CityscapesSource(cs_root, "train")
-    image, label = src.load(0)
-    assert len(src) == 2 and image.shape == (64, 128, 3) and label.shape == (64, 128)
-    assert {0, 1, 2, 10, 13} <= set(np.unique(label).tolist())  # road sidewalk building sky car
 
 
 # ------------------------------------------------------------------------------------ demo data

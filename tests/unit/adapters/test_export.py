@@ -12,11 +12,13 @@ from transformers import SamModel
 
 from samtune import SamtuneError
 from samtune.adapters.export import ONNX_DECODER_FILE, ONNX_ENCODER_FILE, export_model, merge_model
-from samtune.adapters.lora import LoraSettings, apply_lora
-from samtune.adapters.official import load_state_dict_file
+from samtune.adapters.family import get_family
+from samtune.adapters.lora import apply_lora
+from samtune.adapters.checkpoint_files import load_state_dict_file
 from samtune.adapters.registry import build_sam
+from samtune.finetune.recipe import LoraSection
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))  # helpers_official.py lies beside this file; tests/ has no __init__.py
 import helpers_official  # noqa: E402
 
 SIZE = 64
@@ -25,7 +27,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def tuned():
     """A LoRA model whose adapter and decoder weights moved away from the base."""
-    model = apply_lora(build_sam("tiny", image_size=SIZE), LoraSettings(preset="encoder_qkv_proj"))
+    model = apply_lora(build_sam("tiny", image_size=SIZE), get_family("sam"), LoraSection(preset="encoder_qkv_proj"))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -17,7 +17,7 @@ from samtune.finetune.recipe import (
     validate_recipe,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 MINIMAL = "data:\n  kind: nifti\n  root: some/where\n"
 
@@ -97,9 +97,36 @@ def test_several_problems_reported_together_in_one_error(tmp_path):
     path = _write(tmp_path, "data:\n  kind: dicom\ntrain:\n  step: 100\n  lr: fast\nmodle: {}\n")
     msg = _error(path)
     assert msg.startswith(str(path))
-    assert "5 problems" in msg
-    for fragment in ("`data.kind`", "`data.root`", "`train.step`", "`train.lr`", "`modle`"):
+    assert "4 problems" in msg  # with an unknown kind, the data keys cannot be checked yet
+    for fragment in ("`data.kind` = 'dicom': unknown data format", "`train.step`", "`train.lr`", "`modle`"):
         assert fragment in msg
+    msg = _error(_write(tmp_path, "data:\n  kind: nifti\ntrain:\n  step: 100\n"))
+    assert "2 problems" in msg and "`data.root`: required key is missing" in msg
+
+
+# -------------------------------------- one data section per kind --------------------------------------
+def test_a_key_of_another_kind_names_the_kind_it_belongs_to(tmp_path):
+    msg = _error(_write(tmp_path, "data: {kind: cityscapes, root: x}\n"), ["data.context_slices=2"])
+    assert "`data.context_slices`: a key of data.kind=nifti, not of data.kind=cityscapes" in msg
+    msg = _error(_write(tmp_path, "data: {kind: folder2d, root: x, generate_demo: true}\n"))
+    assert "a key of data.kind=cityscapes / nifti, not of data.kind=folder2d" in msg
+
+
+def test_data_kind_is_required_and_checked(tmp_path):
+    assert "`data.kind`: required key is missing (one of: cityscapes, nifti, folder2d)" in _error(_write(tmp_path, "data: {root: x}\n"))
+    assert "did you mean `cityscapes`?" in _error(_write(tmp_path, "data: {kind: cityscape, root: x}\n"))
+
+
+def test_each_kind_gets_its_own_section(tmp_path):
+    from samtune.datasets.cityscapes import CityscapesData
+    from samtune.datasets.folder2d import Folder2DData
+    from samtune.datasets.nifti import NiftiData
+
+    for kind, section in (("nifti", NiftiData), ("cityscapes", CityscapesData), ("folder2d", Folder2DData)):
+        recipe = load_recipe(_write(tmp_path, f"data: {{kind: {kind}, root: x}}\n"))
+        assert type(recipe.data) is section
+    assert load_recipe(_write(tmp_path, MINIMAL)).data.intensity_setting() == (-160.0, 240.0)
+    assert load_recipe(_write(tmp_path, "data: {kind: folder2d, root: x}\n")).data.intensity_setting() is None
 
 
 def test_invalid_yaml_names_the_file(tmp_path):
@@ -173,11 +200,15 @@ def _leaf_keys(node: dict, prefix: str = "") -> set[str]:
 
 
 def test_recipe_table_has_a_row_for_every_leaf_key(tmp_path):
-    leaves = _leaf_keys(yaml.safe_load(dump_recipe(load_recipe(_write(tmp_path, MINIMAL)))))
-    assert {"train.lr", "adapter.lora.rank", "data.window_hu", "seed", "output.dir"} <= leaves
+    leaves = set()
+    for kind in ("nifti", "cityscapes", "folder2d"):
+        leaves |= _leaf_keys(yaml.safe_load(dump_recipe(load_recipe(_write(tmp_path, f"data: {{kind: {kind}, root: x}}\n")))))
+    assert {"train.lr", "adapter.lora.rank", "data.window_hu", "data.cities", "seed", "output.dir"} <= leaves
     lines = recipe_table().splitlines()
     assert lines[0].startswith("| key |")
-    rows = {line.split("|")[1].strip().strip("`"): line for line in lines[2:]}
+    kind_rows = [line for line in lines[2:] if line.startswith("| ***data.kind: ")]
+    assert [r.split("***")[1] for r in kind_rows] == ["data.kind: cityscapes", "data.kind: nifti", "data.kind: folder2d"]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in lines[2:] if line not in kind_rows}
     assert set(rows) == leaves
     for key, line in rows.items():
         meaning = line.rstrip().rstrip("|").split("|")[-1].strip()

@@ -1,0 +1,161 @@
+"""The model-family seam: everything trainer, evaluation, export (and prediction) ask of a model.
+
+A *family* is one architecture (SAM v1 through transformers today; MobileSAM or SAM 2 later) and
+knows how to build it, preprocess an image for it, encode images, decode prompts into low-res
+logits, map logits back to the original image, where LoRA goes by role, and what trains in each
+``train.mode``. A *variant* is a named, registered configuration of a family (``tiny``,
+``sam-vit-base``, ...; ``samtune.adapters.registry``). Callers hold a family object and never
+touch a model's module names themselves.
+
+Families register with ``@register_family``; the test suite builds the tiny variant of every
+registered family, runs a prompted forward/backward, applies every LoRA preset and round-trips an
+adapter folder (tests/unit/adapters/test_family.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+
+from samtune.errors import SamtuneError
+from samtune.suggest import did_you_mean
+
+if TYPE_CHECKING:
+    from samtune.adapters.registry import ModelVariant
+
+
+@dataclass
+class ImageEmbeddings:
+    """What the image encoder hands to the decoder, one row per image (or per prompt after
+    ``repeat_interleave``): ``image_embeddings`` N×C×g×g, and the higher-resolution feature maps
+    that decoders such as SAM 2's also read (empty for SAM v1)."""
+
+    image_embeddings: torch.Tensor
+    high_res_features: tuple[torch.Tensor, ...] = field(default_factory=tuple)
+
+    def repeat_interleave(self, repeats: int) -> "ImageEmbeddings":
+        if repeats == 1:
+            return self
+        return ImageEmbeddings(
+            self.image_embeddings.repeat_interleave(repeats, 0),
+            tuple(f.repeat_interleave(repeats, 0) for f in self.high_res_features),
+        )
+
+
+class ModelFamily:
+    """The interface; ``SamFamily`` (adapters/sam.py) is the first implementation.
+
+    Module-name attributes are the top-level submodules of the built model (and of a peft-wrapped
+    one, under peft's prefix): ``image_encoder`` is frozen in ``lora``/``decoder_only`` modes,
+    ``mask_decoder`` trains in both, ``prompt_modules`` stay frozen unless ``full``.
+    """
+
+    name: str = ""
+    image_encoder: str = ""
+    mask_decoder: str = ""
+    prompt_modules: tuple[str, ...] = ()
+    lora_roles: dict[str, str] = {}  # role (samtune.constants.LORA_ROLES) -> module-name regex
+    encoder_block: re.Pattern | None = None  # captures the block index of an encoder module name
+
+    # --- building and files ---
+    def build(self, variant: "ModelVariant", checkpoint: str | None, image_size: int, init_seed: int) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def load_full(self, folder) -> torch.nn.Module:
+        """A whole model saved with ``save_pretrained`` (``train.mode`` decoder_only / full)."""
+        raise NotImplementedError
+
+    def image_size(self, model) -> int:
+        raise NotImplementedError
+
+    def encoder_depth(self, model) -> int:
+        raise NotImplementedError
+
+    # --- data in and out ---
+    def make_transform(self, image_size: int) -> Callable:
+        """The preprocessing of an H×W×3 uint8 image (+ label map) into model input; the object
+        also has ``resized_shape(original_hw)`` (the geometry to undo) and ``image_size``."""
+        raise NotImplementedError
+
+    def encode_images(self, model, pixel_values: torch.Tensor) -> ImageEmbeddings:
+        """B×3×S×S preprocessed images -> embeddings, with gradients where LoRA needs them."""
+        raise NotImplementedError
+
+    def decode_prompts(
+        self,
+        model,
+        embeddings: ImageEmbeddings,
+        boxes: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt per embedding row: ``boxes`` N×4 xyxy, ``points`` N×K×2 (x, y) with
+        ``point_labels`` N×K (1, 0, -1 padding), ``mask_inputs`` N×1×s×s low-res logits;
+        coordinates in input px. Returns N×M×s×s low-res logits and N×M predicted IoU."""
+        raise NotImplementedError
+
+    def upscale_logits(self, low_res: torch.Tensor, image_size: int) -> torch.Tensor:
+        """N×M×s×s -> N×M×S×S logits in the padded input frame."""
+        return F.interpolate(low_res, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+    def logits_to_original(self, logits: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int]) -> torch.Tensor:
+        """1×S×S input-frame logits -> H×W logits of the original image: crop the padding, resize."""
+        h, w = resized_hw
+        cropped = logits[None, :, :h, :w]
+        return F.interpolate(cropped, size=tuple(original_hw), mode="bilinear", align_corners=False)[0, 0]
+
+    # --- what trains ---
+    def lora_patterns(self, roles: tuple[str, ...]) -> str:
+        unknown = [r for r in roles if r not in self.lora_roles]
+        if unknown:
+            raise SamtuneError(
+                f"adapter.lora.preset: role {unknown[0]!r} is not available for model family {self.name!r}; "
+                f"{did_you_mean(unknown[0], self.lora_roles)}(roles: {', '.join(self.lora_roles)})"
+            )
+        return "|".join(f"(?:{self.lora_roles[r]})" for r in roles)
+
+    def block_index(self, module_name: str) -> int | None:
+        """The encoder block a module belongs to (None: not in an encoder block)."""
+        m = self.encoder_block.search(module_name) if self.encoder_block else None
+        return int(m.group(1)) if m else None
+
+    def component_of(self, parameter_name: str) -> str:
+        """Which part a parameter belongs to, for the parameter table (peft prefixes allowed)."""
+        if "lora_" in parameter_name:
+            return "encoder_lora" if f"{self.image_encoder}." in parameter_name else "decoder_lora"
+        if f"{self.mask_decoder}." in parameter_name:
+            return "mask_decoder"
+        if f"{self.image_encoder}." in parameter_name:
+            return "image_encoder"
+        return "prompt_encoder"
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Class decorator: one instance per family, under ``cls.name``."""
+    if cls.name in _FAMILIES:
+        raise ValueError(f"model family {cls.name!r} registered twice")
+    _FAMILIES[cls.name] = cls()
+    return cls
+
+
+def get_family(name: str) -> ModelFamily:
+    import samtune.adapters.sam  # noqa: F401  (registers the built-in families)
+
+    if name not in _FAMILIES:
+        raise SamtuneError(f"unknown model family {name!r}; {did_you_mean(name, _FAMILIES)}(known: {', '.join(_FAMILIES)})")
+    return _FAMILIES[name]
+
+
+def list_families() -> list[str]:
+    import samtune.adapters.sam  # noqa: F401
+
+    return sorted(_FAMILIES)

@@ -1,0 +1,72 @@
+"""What every data format serves: a ``SliceSource`` (2D images or slices with label maps) and the
+``DataSplit`` (train and validation sources plus what was found on the way).
+
+Everything a caller may read is declared here with its default, so evaluation, inspection and the
+trainer never probe a source with ``hasattr`` and nothing is set on a source from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from samtune.constants import IGNORE_INDEX
+
+
+class SliceSource:
+    """A list of 2D images with label maps (class ids; ``ignore_index`` never counts).
+
+    Subclasses set ``class_names`` and implement ``__len__``, ``item_id``, ``load`` and
+    ``slice_classes``; volumetric sources also set ``volumetric = True`` and implement
+    ``slice_position`` and ``case_volume``. ``skipped`` lists the bad cases left out while
+    building the source (``data.on_bad_case: skip``), as ``{"case", "file", "problem"}``.
+    """
+
+    class_names: dict[int, str]
+    ignore_index: int = IGNORE_INDEX
+    volumetric: bool = False  # slices of 3D cases: per-case 3D metrics are possible
+    skipped: list[dict]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def item_id(self, index: int) -> str:
+        """A readable name: the image stem, or ``case/z012`` for a slice."""
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """H×W×3 uint8 RGB and the H×W label map."""
+        raise NotImplementedError
+
+    def slice_classes(self, index: int) -> dict[int, int]:
+        """Class id -> pixels in this image, without reading the image."""
+        raise NotImplementedError
+
+    def slice_components(self, index: int) -> dict[int, list[int]] | None:
+        """Class id -> sizes (px) of its connected components, largest first, when the source has
+        them indexed (cached NIfTI); None: the caller computes them from the label map."""
+        return None
+
+    def slice_position(self, index: int) -> tuple[str, int]:
+        """(case name, z) of a slice (volumetric sources)."""
+        raise TypeError(f"{type(self).__name__} serves 2D images: it has no slice positions")
+
+    def case_volume(self, name: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """Z×H×W label volume of a case and its spacing in mm along (z, y, x) (volumetric sources)."""
+        raise TypeError(f"{type(self).__name__} serves 2D images: it has no volumes")
+
+
+@dataclass
+class DataSplit:
+    """The two sides of a dataset and what was found on the way."""
+
+    train: SliceSource
+    val: SliceSource
+    layout: str  # cityscapes | nnunet_v2 | msd | folders | folder2d
+    skipped: list[dict] = field(default_factory=list)  # every bad case left out, once
+    notes: list[str] = field(default_factory=list)  # files ignored (macOS forks, labels without image, ...)
+    warnings: list[str] = field(default_factory=list)  # legal but suspicious (all-background labels, ...)
+    cache_dir: Path | None = None
+    channel_names: dict[int, str] = field(default_factory=dict)

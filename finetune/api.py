@@ -1,0 +1,98 @@
+"""The public Python API (re-exported as ``samtune.train``, ``samtune.evaluate``,
+``samtune.load_model``) and what the CLI's ``evaluate`` and ``export`` run.
+
+    import samtune
+    recipe = samtune.load_recipe("recipes/demo.yaml", ["train.steps=100", "output.dir=runs/short"])
+    metrics = samtune.train(recipe)
+    loaded = samtune.load_model("runs/short")          # run folder or checkpoint folder
+    low_res, iou = loaded.family.decode_prompts(loaded.model, embeddings, boxes=...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from samtune import SamtuneError
+from samtune.adapters.family import ModelFamily
+from samtune.files import write_json_atomic
+from samtune.finetune.checkpoints import load_checkpoint
+from samtune.finetune.data import build_datasets
+from samtune.finetune.metrics import format_table
+from samtune.finetune.recipe import Recipe, load_recipe
+from samtune.finetune.runtime import build_base_model, check_writable, image_size_of, model_family, resolve_device, seed_everything
+from samtune.finetune.trainer import describe_prompts, describe_volume, evaluate_with_recipe
+from samtune.finetune.trainer import train as train  # re-exported: samtune.train
+
+
+@dataclass
+class LoadedModel:
+    """A fine-tuned model ready to run: ``model`` (eval mode, on ``device``), the ``recipe`` it was
+    trained with, its ``family`` (preprocessing, encode/decode), and the ``checkpoint`` folder."""
+
+    model: torch.nn.Module
+    recipe: Recipe
+    family: ModelFamily
+    checkpoint: Path
+    device: torch.device
+
+    @property
+    def image_size(self) -> int:
+        return image_size_of(self.recipe)
+
+    def transform(self):
+        """The preprocessing this model expects (``transform(image=H×W×3 uint8, mask=H×W)``)."""
+        return self.family.make_transform(self.image_size)
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """A checkpoint folder, or a run folder (its best checkpoint, else its last)."""
+    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return path
+    for name in ("best", "last"):
+        if (path / "checkpoints" / name).is_dir():
+            return path / "checkpoints" / name
+    raise SamtuneError(f"{path}: neither a checkpoint folder (adapter_config.json) nor a run folder with checkpoints/best or checkpoints/last.")
+
+
+def load_model(run_dir_or_checkpoint: str | Path, recipe: Recipe | str | Path | None = None, device: str = "cpu") -> LoadedModel:
+    """The model of a run folder (its best checkpoint) or of a checkpoint folder, with its recipe
+    (``CHECKPOINT/recipe.yaml`` unless ``recipe`` is given)."""
+    folder = _checkpoint_folder(Path(run_dir_or_checkpoint))
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe or folder / "recipe.yaml")
+    family = model_family(recipe)
+    model = load_checkpoint(folder, family, lambda: build_base_model(recipe), recipe.model.model_dump())
+    target = resolve_device(device)
+    return LoadedModel(model.to(target).eval(), recipe, family, folder, target)
+
+
+def evaluate(recipe: Recipe, checkpoint: str | Path, out: str | Path | None = None, *, quiet: bool = False) -> dict:
+    """Rebuild the base model from the recipe, load the checkpoint, evaluate on the val split;
+    writes the metrics JSON (default ``<output.dir>/eval/metrics.json``) and returns it."""
+    out_path = Path(out) if out else Path(recipe.output.dir) / "eval" / "metrics.json"
+    check_writable(out_path.parent, "--out" if out else "output.dir")
+    seed_everything(recipe.seed)
+    device = resolve_device(recipe.train.device)
+    family = model_family(recipe)
+    data = build_datasets(recipe, family.make_transform(image_size_of(recipe)), training=False)
+    model = load_checkpoint(checkpoint, family, lambda: build_base_model(recipe), recipe.model.model_dump()).to(device)
+    metrics = evaluate_with_recipe(model, family, data.val, recipe, device)
+    metrics["checkpoint"] = str(checkpoint)
+    write_json_atomic(out_path, metrics)
+    if not quiet:
+        print(format_table({Path(checkpoint).name: metrics}, title=f"validation, {describe_prompts(recipe)}"))
+        if "volume" in metrics:
+            print(describe_volume(metrics))
+        print(f"mIoU {metrics['miou']:.3f}; written to {out_path}")
+    return metrics
+
+
+def export_checkpoint(recipe: Recipe, checkpoint: str | Path, fmt: str, out: str | Path) -> list[Path]:
+    """Load a checkpoint on the recipe's base model and export it merged (see adapters/export.py)."""
+    from samtune.adapters.export import export_model
+
+    model = load_checkpoint(checkpoint, model_family(recipe), lambda: build_base_model(recipe), recipe.model.model_dump())
+    return export_model(model, fmt, out)

@@ -1,0 +1,87 @@
+"""Every registered model family, through the interface the trainer uses: build its tiny variant,
+a prompted forward/backward, every LoRA preset and role, an adapter folder round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from samtune.adapters.family import ImageEmbeddings, get_family, list_families
+from samtune.adapters.lora import apply_lora, preset_roles, select_lora_modules
+from samtune.adapters.registry import build_model, get_variant, list_models
+from samtune.constants import LORA_PRESETS, LORA_ROLES
+from samtune.finetune.recipe import LoraSection
+
+SIZE = 64
+
+
+def tiny_variant(family: str) -> str:
+    names = [n for n in list_models() if get_variant(n).family == family and get_variant(n).make_config is not None]
+    assert names, f"model family {family!r} registers no random-init variant for tests"
+    return names[0]
+
+
+@pytest.fixture(params=list_families())
+def family_model(request):
+    family = get_family(request.param)
+    return family, build_model(tiny_variant(request.param), image_size=SIZE)
+
+
+def test_prompted_forward_backward_reaches_the_encoder(family_model):
+    family, model = family_model
+    transform = family.make_transform(SIZE)
+    image = (torch.rand(40, 64, 3) * 255).to(torch.uint8).numpy()
+    out = transform(image=image, mask=image[:, :, 0] > 128)
+    assert transform.resized_shape((40, 64)) == (40, 64)
+    pixels = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())[None]
+    embeddings = family.encode_images(model, pixels.requires_grad_(False))
+    assert isinstance(embeddings, ImageEmbeddings)
+    repeated = embeddings.repeat_interleave(2)
+    boxes = torch.tensor([[4.0, 4.0, 30.0, 20.0], [10.0, 2.0, 60.0, 38.0]])
+    low_res, iou = family.decode_prompts(model, repeated, boxes=boxes)
+    assert low_res.shape[:2] == (2, 1) and iou.shape == (2, 1)
+    up = family.upscale_logits(low_res, SIZE)
+    assert up.shape == (2, 1, SIZE, SIZE)
+    assert family.logits_to_original(up[0], (40, 64), (80, 128)).shape == (80, 128)
+    up.square().mean().backward()
+    encoder_grads = [p.grad for n, p in model.named_parameters() if n.startswith(family.image_encoder + ".")]
+    assert any(g is not None and g.abs().sum() > 0 for g in encoder_grads)
+
+
+@pytest.mark.parametrize("preset", [*LORA_PRESETS, *LORA_ROLES, "encoder_mlp+decoder_attention"])
+def test_every_preset_resolves_to_modules_of_its_roles(family_model, preset):
+    family, model = family_model
+    names = select_lora_modules(model, family, LoraSection(preset=preset))
+    assert names
+    for role in preset_roles(preset):
+        import re
+
+        assert any(re.fullmatch(family.lora_roles[role], n) for n in names), role
+
+
+def test_unknown_role_names_the_roles(family_model):
+    family, model = family_model
+    with pytest.raises(Exception, match="roles: encoder_attention"):
+        select_lora_modules(model, family, LoraSection.model_construct(preset="encoder_atention", target_modules=None, blocks=None))
+
+
+def test_adapter_folder_round_trip(family_model, tmp_path):
+    family, model = family_model
+    name = tiny_variant(family.name)
+    wrapped = apply_lora(model, family, LoraSection(preset="encoder_all_linear"))
+    with torch.no_grad():  # make the adapter non-trivial: LoRA B starts at zero
+        for n, p in wrapped.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(build_model(name, image_size=SIZE), str(tmp_path / "adapter")).eval()
+    pixels = torch.randn(1, 3, SIZE, SIZE)
+    box = torch.tensor([[8.0, 8.0, 40.0, 40.0]])
+    with torch.no_grad():
+        a = family.decode_prompts(wrapped.eval(), family.encode_images(wrapped, pixels), boxes=box)[0]
+        b = family.decode_prompts(loaded, family.encode_images(loaded, pixels), boxes=box)[0]
+        base = build_model(name, image_size=SIZE)
+        c = family.decode_prompts(base, family.encode_images(base, pixels), boxes=box)[0]
+    torch.testing.assert_close(a, b)
+    assert (a - c).abs().max() > 1e-4  # the adapter changed the output, and the folder carried it
