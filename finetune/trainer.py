@@ -42,6 +42,20 @@ def evaluate_with_recipe(model, family, val_set, recipe: Recipe, device: torch.d
         return evaluate(model, family, val_set, recipe, device, desc)
 
 
+def train_step(model, family, batch: dict, recipe: Recipe, optimizer, use_box: bool, click_generator, loss_fn, step: int = 0) -> torch.Tensor:
+    """One optimiser step on a batch already on the model's device: prompt rounds, loss, backward,
+    update. Returns the loss (detached from nothing: the caller logs ``loss.item()``)."""
+    device = batch[S.IMAGE].device
+    with autocast(device, recipe.train.precision):
+        _, loss = run_rounds(model, family, batch, recipe.prompts, batch[S.IMAGE].shape[-1], use_box, click_generator, loss_fn, recipe.loss.iou_weight)
+    if not torch.isfinite(loss):
+        raise SamtuneError(f"loss became {loss.item()} at step {step}; lower train.lr (now {recipe.train.lr}).")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def describe_volume(metrics: dict) -> str:
     """A summary line and one line per class of the per-case 3D metrics of volumetric data."""
     volume = metrics["volume"]
@@ -118,13 +132,7 @@ def train(recipe: Recipe) -> dict:
     for step, batch in enumerate(progress, start=1):
         batch = {k: (v.to(device) if k != S.META else v) for k, v in batch.items()}
         use_box = bool(prompt_rng.random() < recipe.prompts.box_probability)
-        with autocast(device, recipe.train.precision):
-            _, loss = run_rounds(model, family, batch, recipe.prompts, image_size, use_box, click_generator, loss_fn, recipe.loss.iou_weight)
-        if not torch.isfinite(loss):
-            raise SamtuneError(f"loss became {loss.item()} at step {step}; lower train.lr (now {recipe.train.lr}).")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(model, family, batch, recipe, optimizer, use_box, click_generator, loss_fn, step)
         scheduler.step()
         progress.set_postfix(loss=f"{loss.item():.4f}")
         if step % recipe.train.log_every == 0 or step == 1:

@@ -69,6 +69,34 @@ def test_train_writes_exactly_the_documented_files(ct_run):
     assert state["step"] == STEPS and state["miou"] == pytest.approx(metrics["miou"])
 
 
+def test_unwritable_output_dir_stops_before_any_work(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    recipe = write_recipe(tmp_path / "r.yaml", {"kind": "nifti", "root": str(tmp_path / "nowhere")}, tmp_path / "a_file" / "run")
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "output.dir=" in err and "cannot write there" in err and "Traceback" not in err
+    assert "data.root" not in err  # checked first: nothing else was attempted
+
+
+def test_skipped_case_is_listed_once_in_metrics(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    root = generate_ct_phantom(tmp_path / "data", n_cases=4, shape=(48, 48, 12))
+    victim = sorted((root / "imagesTr").glob("*.nii.gz"))[0]
+    img = nib.load(str(victim))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), str(victim))
+    recipe = write_recipe(
+        tmp_path / "r.yaml", {"kind": "nifti", "root": str(root), "val_fraction": 0.34, "on_bad_case": "skip"}, tmp_path / "run",
+        train={"steps": 2, "batch_size": 2, "eval_every": 2},
+    )  # fmt: skip
+    assert main(["-q", "train", str(recipe)]) == 0
+    skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_cases"]
+    assert [s["file"] for s in skipped] == [str(victim)]
+
+
 def test_resolved_recipe_is_saved_and_reloadable(ct_run, tmp_path):
     recipe, run = ct_run
     saved = yaml.safe_load((run / "recipe.yaml").read_text())

@@ -62,3 +62,24 @@ def test_whole_model_round_trip_and_atomic_overwrite(tmp_path, monkeypatch):
 def test_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(SamtuneError, match="neither a peft adapter folder"):
         load_checkpoint(tmp_path, family_of("tiny"), _tiny)
+
+
+def test_adapter_on_another_base_model_is_a_short_error(tmp_path):
+    from transformers import SamModel
+
+    from samtune.adapters.sam import make_tiny_config
+
+    save_checkpoint(_adapter(), tmp_path / "best", "model:\n  name: tiny\n  checkpoint: null\n  image_size: 64\n  init_seed: 0\n", {})
+    config = make_tiny_config(SIZE)
+    config.vision_config.hidden_size, config.vision_config.mlp_dim = 48, 192  # another width: every shape differs
+
+    def other_base():
+        return SamModel(config)
+
+    keys = {"name": "tiny-wide", "checkpoint": None, "image_size": 64, "init_seed": 0}
+    with pytest.raises(SamtuneError) as info:
+        load_checkpoint(tmp_path / "best", family_of("tiny"), other_base, keys)
+    message = str(info.value)
+    assert len(message) < 600, message  # peft's own size-mismatch dump runs to tens of thousands of characters
+    assert "trained on the base model.name='tiny'" in message and "the recipe builds model.name='tiny-wide'" in message
+    assert str(tmp_path / "best" / "recipe.yaml") in message
