@@ -41,7 +41,7 @@ _STALE_TMP_S = 6 * 3600  # temporary folders older than this are leftovers of ki
 class CaseFiles(Protocol):
     name: str
     image: Path
-    label: Path
+    label: Path | None  # None: no labels (a scan to predict on)
     channel: int
 
 
@@ -116,8 +116,8 @@ def case_key(case: CaseFiles, settings: VolumeSettings) -> str:
     data = {
         "version": CACHE_VERSION,
         "image": _stat(case.image, case.name),
-        "label": _stat(case.label, case.name),
-        "channel": int(getattr(case, "channel", 0)),
+        "label": _stat(case.label, case.name) if case.label is not None else None,
+        "channel": int(case.channel),
         "settings": settings.as_dict(),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
@@ -130,9 +130,10 @@ def _entry(cache_dir: Path, name: str, key: str) -> Path:
 
 def _compute(case: CaseFiles, settings: VolumeSettings) -> tuple[np.ndarray, np.ndarray, dict]:
     classes = set(settings.classes) if settings.classes is not None else None
-    raw = read_case(case.name, Path(case.image), Path(case.label), int(getattr(case, "channel", 0)), classes)
+    label_file = Path(case.label) if case.label is not None else None  # None: a scan without labels
+    raw = read_case(case.name, Path(case.image), label_file, int(case.channel), classes)
     image, label, meta = preprocess(raw, settings.intensity, settings.spacing_mm)
-    meta.update(case=case.name, image_file=str(case.image), label_file=str(case.label))
+    meta.update(case=case.name, image_file=str(case.image), label_file=str(label_file) if label_file else None)
     return image, label, meta
 
 

@@ -148,3 +148,19 @@ def check_finite_image(image: np.ndarray, case: str | None, file: Path) -> None:
     lo, hi = float(image.min()), float(image.max())
     if lo == hi:
         raise BadCase(case, file, f"the image has the single value {lo:g} everywhere (empty or a failed export)", "re-export it")
+
+
+def list_input_files(paths: list, suffixes: tuple[str, ...], pattern: str = "*") -> list[Path]:
+    """Files given, and the files of folders given whose name ends with one of ``suffixes``
+    (lower-case), sorted per folder; ``pattern``: a glob below each folder (``"*/*"``: one level down)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.glob(pattern) if p.is_file() and p.name.lower().endswith(suffixes) and not is_junk(p))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SamtuneError(f"{path}: no such file or folder.")
+    if not files:
+        raise SamtuneError(f"{', '.join(map(str, paths))}: no {' / '.join(suffixes)} files found.")
+    return files

@@ -27,7 +27,7 @@ from pydantic import Field
 from samtune import SamtuneError
 from samtune.constants import IGNORE_INDEX
 from samtune.datasets.checks import BadCase, handle_bad
-from samtune.datasets.formats import DemoKeys, DataSectionBase, register_format
+from samtune.datasets.formats import DataSectionBase, DemoKeys, register_format, register_images
 from samtune.datasets.source import DataSplit, SliceSource
 # trainId -> (name, labelId), from the official Cityscapes label table.
 TRAIN_CLASSES: tuple[tuple[str, int], ...] = (
@@ -259,3 +259,14 @@ def open_cityscapes(section: CityscapesData, *, seed: int, on_bad_case: str, pro
     train = CityscapesSource(section.root, section.train_split, on_bad_case, section.cities)
     val = CityscapesSource(section.root, section.val_split, on_bad_case, section.val_cities)
     return DataSplit(train, val, "cityscapes", train.skipped + val.skipped)
+
+
+@register_images(CityscapesData)
+def open_cityscapes_images(section: CityscapesData, paths: list):
+    """leftImg8bit PNGs without labels (e.g. the test split): files, a city folder, or a split
+    folder holding city folders."""
+    from samtune.datasets.folder2d import ImageFilesSource
+
+    folders = [Path(p) for p in paths if Path(p).is_dir()]
+    nested = any(any(c.is_dir() for c in f.iterdir()) for f in folders)
+    return ImageFilesSource(paths, CLASS_NAMES, ("_leftimg8bit.png",), "*/*" if nested else "*")

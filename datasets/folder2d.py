@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from samtune import SamtuneError
 from samtune.constants import IGNORE_INDEX
-from samtune.datasets.checks import BadCase, check_label_values, handle_bad, list_data_files
-from samtune.datasets.formats import CaseSplitKeys, DataSectionBase, register_format
+from samtune.datasets.checks import BadCase, check_label_values, handle_bad, list_data_files, list_input_files
+from samtune.datasets.formats import CaseSplitKeys, DataSectionBase, register_format, register_images
 from samtune.datasets.source import DataSplit, SliceSource
 from samtune.datasets.splits import choose_split, unify_class_names
 
@@ -239,3 +239,32 @@ def open_folder2d(section: Folder2DData, *, seed: int, on_bad_case: str, progres
     if section.class_names is None:
         unify_class_names(train, val)
     return DataSplit(train, val, "folder2d", layout.skipped + train.skipped + val.skipped, layout.notes)
+
+
+class ImageFilesSource(SliceSource):
+    """2D images without labels (prediction): PNG/JPEG/TIFF/BMP files, or the images of folders."""
+
+    has_labels = False
+
+    def __init__(self, paths: list, class_names: dict[int, str] | None = None, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, pattern: str = "*"):
+        self.files = list_input_files(paths, suffixes, pattern)
+        self.class_names = dict(class_names or {})
+        self.skipped = []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def item_id(self, index: int) -> str:
+        return _stem(self.files[index])
+
+    def slice_classes(self, index: int) -> dict[int, int]:
+        return {}
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image = read_rgb(self.files[index])
+        return image, np.zeros(image.shape[:2], np.uint8)
+
+
+@register_images(Folder2DData)
+def open_folder2d_images(section: Folder2DData, paths: list) -> ImageFilesSource:
+    return ImageFilesSource(paths, section.class_names)

@@ -60,12 +60,14 @@ class DemoKeys(Section):
 OpenSources = Callable[..., "object"]  # (section, *, seed, on_bad_case, progress) -> DataSplit
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataFormat:
     kind: str
     section: type[DataSectionBase]
     open: OpenSources
     make_demo: Callable | None = None  # (folder, seed) -> path of the generated dataset
+    # (section, paths) -> SliceSource without labels: new scans or images to predict on
+    open_images: Callable | None = None
 
 
 _FORMATS: dict[str, DataFormat] = {}
@@ -82,6 +84,26 @@ def register_format(section: type[DataSectionBase], make_demo: Callable | None =
         return open_fn
 
     return decorate
+
+
+def register_images(section: type[DataSectionBase]):
+    """Decorator for a format's label-free factory ``(section, paths) -> SliceSource`` (files or
+    folders of images as the format stores them; every label is background, ``has_labels`` False)."""
+    kind = section.model_fields["kind"].annotation.__args__[0]
+
+    def decorate(open_fn: Callable) -> Callable:
+        _FORMATS[kind].open_images = open_fn
+        return open_fn
+
+    return decorate
+
+
+def open_images(section: DataSectionBase, paths: list) -> "object":
+    """New images of ``section``'s format, without labels (for prediction)."""
+    fmt = get_format(section.kind)
+    if fmt.open_images is None:
+        raise SamtuneError(f"data.kind={section.kind}: opening images without labels is not supported for this format.")
+    return fmt.open_images(section, paths)
 
 
 def all_formats() -> dict[str, DataFormat]:

@@ -32,8 +32,8 @@ from pydantic import Field, model_validator
 from samtune import SamtuneError
 from samtune.constants import DEFAULT_WINDOW_HU, IGNORE_INDEX, INTENSITY_PRESETS, MR_PERCENTILE
 from samtune.datasets.cache import VolumeSettings, default_cache_dir, prepare_cases
-from samtune.datasets.checks import BadCase, handle_bad, list_data_files
-from samtune.datasets.formats import DemoKeys, CaseSplitKeys, DataSectionBase, register_format
+from samtune.datasets.checks import BadCase, handle_bad, list_data_files, list_input_files
+from samtune.datasets.formats import CaseSplitKeys, DataSectionBase, DemoKeys, register_format, register_images
 from samtune.datasets.source import DataSplit, SliceSource
 from samtune.datasets.splits import choose_split, split_by_fraction, unify_class_names
 from samtune.datasets.volume import read_case, scale_to_0_255
@@ -48,7 +48,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 class Case:
     name: str
     image: Path
-    label: Path
+    label: Path | None  # None: a scan without labels, opened for prediction
     channel: int = 0  # index on the 4th axis when the image is 4D (MSD multi-modal)
 
 
@@ -316,6 +316,7 @@ class NiftiSliceSource(SliceSource):
             found = sorted({int(v) for c in self.cases for v in c.meta["voxels"]})
             classes = {v: f"class_{v}" for v in found}
         self.class_names = dict(classes)
+        self.has_labels = all(c.label is not None for c in cases)
         self.context_slices = int(context_slices)
         self.spacing_mm = {c.name: tuple(c.meta["spacing_mm"]) for c in self.cases}
         wanted = {str(k) for k in (foreground if foreground is not None else self.class_names)}
@@ -483,3 +484,31 @@ def open_nifti(section: NiftiData, *, seed: int, on_bad_case: str, progress: boo
         log.warning("%d cases have an all-background label (legal, but check them): %s", len(background), ", ".join(background[:10]))
     skipped = ds.skipped + train.skipped + val.skipped
     return DataSplit(train, val, ds.layout, skipped, ds.notes, warnings, cache_dir, ds.channel_names)
+
+
+@register_images(NiftiData)
+def open_nifti_images(section: NiftiData, paths: list) -> NiftiSliceSource:
+    """Scans without labels, every slice served (prediction). nnU-Net channel files
+    ``{case}_{XXXX}`` are grouped by case and ``data.channel`` picks the file; class names come
+    from ``data.class_names`` or the dataset.json at ``data.root``, when there is one."""
+    cases, seen = [], set()
+    for path in list_input_files(paths, NIFTI_SUFFIXES):
+        stem = _strip_suffix(path.name)
+        m = re.fullmatch(r"(.+)_(\d{4})", stem)
+        if m:
+            if int(m.group(2)) != section.channel:
+                continue
+            cases.append(Case(m.group(1), path, None))
+        else:
+            cases.append(Case(stem, path, None, section.channel))
+        if cases[-1].name in seen:
+            raise SamtuneError(f"{path}: a second scan named {cases[-1].name!r}; give each scan its own name.")
+        seen.add(cases[-1].name)
+    classes = section.class_names
+    if classes is None and (Path(section.root) / "dataset.json").is_file():
+        classes = discover_dataset(section.root, section.channel, None, "skip").classes
+    return NiftiSliceSource(
+        cases, {int(k): str(v) for k, v in (classes or {}).items()}, section.intensity_setting(),
+        spacing_mm=tuple(section.spacing_mm) if section.spacing_mm else None, cache_dir=None,
+        context_slices=section.context_slices, empty_slice_ratio=None,
+    )  # fmt: skip

@@ -27,6 +27,7 @@ class SliceSource:
     class_names: dict[int, str]
     ignore_index: int = IGNORE_INDEX
     volumetric: bool = False  # slices of 3D cases: per-case 3D metrics are possible
+    has_labels: bool = True  # False: images opened for prediction; every label map is background
     skipped: list[dict]
 
     def __len__(self) -> int:

@@ -78,14 +78,17 @@ def distinct_values(label: np.ndarray) -> np.ndarray:
 
 
 def read_case(
-    name: str, image_path: Path, label_path: Path, channel: int = 0, classes: set[int] | None = None
+    name: str, image_path: Path, label_path: Path | None, channel: int = 0, classes: set[int] | None = None
 ) -> RawCase:
-    """Read, check and canonicalise one case. ``channel`` indexes the 4th axis of a 4D image."""
+    """Read, check and canonicalise one case. ``channel`` indexes the 4th axis of a 4D image.
+    ``label_path`` None: a scan without labels (prediction); its label is all background."""
     import nibabel as nib
     from nibabel.orientations import apply_orientation, io_orientation
 
-    image_nii, label_nii = _load(image_path, name), _load(label_path, name)
-    image_shape, label_shape = _squeeze_extra_axes(image_nii.shape), _squeeze_extra_axes(label_nii.shape)
+    image_nii = _load(image_path, name)
+    label_nii = _load(label_path, name) if label_path is not None else None
+    image_shape = _squeeze_extra_axes(image_nii.shape)
+    label_shape = _squeeze_extra_axes(label_nii.shape) if label_nii is not None else image_shape[:3]
     if len(label_shape) != 3:
         raise _label_dims(name, label_path, label_nii.shape, len(label_shape), len(image_shape))
     if len(image_shape) == 4:
@@ -103,12 +106,12 @@ def read_case(
             "with channels)", "for 2D images use data.kind: folder2d (PNG/TIFF images with PNG label maps)"
             if len(image_shape) < 3 else "save one 3D volume per case (one file per channel, as nnU-Net v2)",
         )  # fmt: skip
-    if image_shape[:3] != label_shape:
+    if label_nii is not None and image_shape[:3] != label_shape:
         raise BadCase(
             name, label_path, f"image {image_path} has shape {image_shape[:3]} but label {label_path} has shape "
             f"{label_shape}; both must be the same 3D grid", "resample the label onto the image grid (nearest neighbour)",
         )  # fmt: skip
-    if not np.allclose(image_nii.affine, label_nii.affine, atol=1e-3, rtol=1e-4):
+    if label_nii is not None and not np.allclose(image_nii.affine, label_nii.affine, atol=1e-3, rtol=1e-4):
         raise BadCase(
             name, label_path, f"the affines of image {image_path} and label {label_path} differ (voxel-to-mm maps "
             f"{nib.aff2axcodes(image_nii.affine)} vs {nib.aff2axcodes(label_nii.affine)})",
@@ -116,14 +119,17 @@ def read_case(
             "the image header to the label if only the header is wrong",
         )  # fmt: skip
     image = _data(image_nii, image_path, name, index if len(image_nii.shape) > 3 else ())
-    label = _data(label_nii, label_path, name, (slice(None),) * 3 + (0,) * (len(label_nii.shape) - 3) if len(label_nii.shape) > 3 else ())
+    if label_nii is None:
+        label = np.zeros(image.shape[:3], np.uint8)
+    else:
+        label = _data(label_nii, label_path, name, (slice(None),) * 3 + (0,) * (len(label_nii.shape) - 3) if len(label_nii.shape) > 3 else ())
     image = image.astype(np.float32, copy=False)  # scl_slope/inter are already applied by dataobj
     check_finite_image(image, name, image_path)
     label_values = distinct_values(label)
     check_label_values(label_values, classes, IGNORE_INDEX, name, label_path)
     label = label.astype(np.uint8)
     warnings = []
-    if set(label_values.tolist()) <= {0, IGNORE_INDEX}:
+    if label_nii is not None and set(label_values.tolist()) <= {0, IGNORE_INDEX}:
         warnings.append(f"case {name}: {label_path}: the label is all background (no class present)")
     # Closest canonical orientation, exactly as nibabel.as_closest_canonical reorients the array.
     ornt = io_orientation(image_nii.affine)

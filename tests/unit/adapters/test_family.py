@@ -60,10 +60,14 @@ def test_every_preset_resolves_to_modules_of_its_roles(family_model, preset):
         assert any(re.fullmatch(family.lora_roles[role], n) for n in names), role
 
 
-def test_unknown_role_names_the_roles(family_model):
+def test_unknown_preset_or_role_names_the_known_ones(family_model):
+    from samtune import SamtuneError
+
     family, model = family_model
-    with pytest.raises(Exception, match="roles: encoder_attention"):
-        select_lora_modules(model, family, LoraSection.model_construct(preset="encoder_atention", target_modules=None, blocks=None))
+    with pytest.raises(SamtuneError, match="did you mean `encoder_attention`"):
+        select_lora_modules(model, family, LoraSection.model_construct(preset="encoder_atention"))
+    with pytest.raises(SamtuneError, match=f"not available for model family '{family.name}'.*roles: encoder_attention"):
+        family.lora_patterns(("encoder_conv",))
 
 
 def test_adapter_folder_round_trip(family_model, tmp_path):
