@@ -121,21 +121,11 @@ def test_city_filter(cs_root):
         CityscapesSource(cs_root, "train", cities=["atlantis"])
 
 
-def _write_train_ids(root: Path) -> list[Path]:
-    """What cityscapesScripts' createTrainIdLabelImgs writes, from the official table."""
-    written = []
-    for label_ids in sorted(root.glob("gtFine/*/*/*_gtFine_labelIds.png")):
-        train_ids = label_ids.with_name(label_ids.name.replace("_labelIds", "_labelTrainIds"))
-        Image.fromarray(map_label_ids(np.asarray(Image.open(label_ids)))).save(train_ids)
-        written.append(train_ids)
-    return written
-
-
-def test_label_train_ids_are_used_when_present_and_agree(cs_root):
+def test_label_train_ids_are_used_when_present_and_agree(cs_root, write_train_ids):
     mapped = CityscapesSource(cs_root, "train")
     expected = [mapped.load_label(i) for i in range(len(mapped))]
     assert mapped.train_ids == [False, False]
-    _write_train_ids(cs_root)
+    write_train_ids(cs_root)
     src = CityscapesSource(cs_root, "train")
     assert src.train_ids == [True, True] and all(p.name.endswith("_gtFine_labelTrainIds.png") for p in src.labels)
     for i in range(len(src)):

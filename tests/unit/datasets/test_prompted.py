@@ -149,56 +149,24 @@ def test_jittered_box_stays_inside_the_resized_image():
                 assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
 
 
-def two_blobs() -> np.ndarray:
-    mask = np.zeros((40, 40), bool)
-    mask[5:15, 5:15] = True  # 100 px
-    mask[25:30, 25:37] = True  # 60 px
-    return mask
-
-
-class BlobSource(SliceSource):
-    class_names = {1: "blob", 2: "bar"}
-    ignore_index = 255
-
-    def __init__(self):
-        self.label = np.zeros((40, 40), np.uint8)
-        self.label[two_blobs()] = 1
-        self.label[32:38, 2:20] = 2
-
-    def __len__(self):
-        return 2
-
-    def item_id(self, i):
-        return f"img{i}"
-
-    def slice_classes(self, i):
-        ids, counts = np.unique(self.label, return_counts=True)
-        return dict(zip(ids.tolist(), counts.tolist()))
-
-    def load(self, i):
-        image = np.full((40, 40, 3), 60, np.uint8)
-        image[self.label > 0] = 200
-        return image, self.label.copy()
-
-
-def test_per_component_evaluation_has_one_sample_per_component():
-    ds = PromptedDataset(BlobSource(), LongestSideTransform(64), PromptsSection(per="component"), min_pixels=10, training=False, seed=0)
+def test_per_component_evaluation_has_one_sample_per_component(blob_source):
+    ds = PromptedDataset(blob_source(), LongestSideTransform(64), PromptsSection(per="component"), min_pixels=10, training=False, seed=0)
     assert len(ds) == 2 * 3  # two images × (two blobs + one bar)
     sizes = sorted(int(ds[k][S.META]["targets"][0].sum()) for k in range(3))
     assert sizes == [60, 100, 108]
 
 
-def test_training_sample_holds_per_image_objects():
+def test_training_sample_holds_per_image_objects(blob_source):
     settings = PromptsSection(positive_points=2, negative_points=1, box_probability=0.5)
-    ds = PromptedDataset(BlobSource(), LongestSideTransform(64), settings, min_pixels=10, training=True, seed=0, per_image=4)
+    ds = PromptedDataset(blob_source(), LongestSideTransform(64), settings, min_pixels=10, training=True, seed=0, per_image=4)
     sample = ds[0]
     assert sample[S.MASKS].shape == (4, 64, 64) and sample[S.BOXES].shape == (4, 4)
     assert sample[S.POINTS].shape == (4, 3, 2) and sample[S.POINT_LABELS].shape == (4, 3)
     assert len(sample[S.META]["class_ids"]) == 4
 
 
-def test_per_component_index_comes_from_the_source_when_it_has_one():
-    class IndexedSource(BlobSource):
+def test_per_component_index_comes_from_the_source_when_it_has_one(blob_source):
+    class IndexedSource(blob_source):
         loads = 0
 
         def slice_components(self, i):

@@ -7,23 +7,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from samtune.datasets.cityscapes import map_label_ids
 from samtune.finetune.inspection import inspect_data
 from samtune.finetune.recipe import validate_recipe
 
 
-def _write_train_ids(root: Path) -> list[Path]:
-    """What cityscapesScripts' createTrainIdLabelImgs writes, from the official table."""
-    written = []
-    for label_ids in sorted(root.glob("gtFine/*/*/*_gtFine_labelIds.png")):
-        train_ids = label_ids.with_name(label_ids.name.replace("_labelIds", "_labelTrainIds"))
-        Image.fromarray(map_label_ids(np.asarray(Image.open(label_ids)))).save(train_ids)
-        written.append(train_ids)
-    return written
-
-
-def test_inspect_flags_train_ids_that_disagree_with_label_ids(cs_root):
-    written = _write_train_ids(cs_root)
+def test_inspect_flags_train_ids_that_disagree_with_label_ids(cs_root, write_train_ids):
+    written = write_train_ids(cs_root)
     recipe = validate_recipe({"data": {"kind": "cityscapes", "root": str(cs_root)}})
     assert inspect_data(recipe, progress=False)["problems"] == []
     train_ids = next(p for p in written if "/train/" in str(p))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,49 +10,16 @@ from samtune.datasets import sample as S
 from samtune.datasets.prompted import PromptedDataset
 from samtune.adapters.family import get_family
 from samtune.adapters.preprocess import LongestSideTransform
-from samtune.datasets.source import SliceSource
 from samtune.finetune.interaction import mask_iou, run_rounds
 from samtune.finetune.recipe import PromptsSection
 from samtune.finetune.losses import make_mask_loss
 
 
-def two_blobs() -> np.ndarray:
-    mask = np.zeros((40, 40), bool)
-    mask[5:15, 5:15] = True  # 100 px
-    mask[25:30, 25:37] = True  # 60 px
-    return mask
-
-
-class BlobSource(SliceSource):
-    class_names = {1: "blob", 2: "bar"}
-    ignore_index = 255
-
-    def __init__(self):
-        self.label = np.zeros((40, 40), np.uint8)
-        self.label[two_blobs()] = 1
-        self.label[32:38, 2:20] = 2
-
-    def __len__(self):
-        return 2
-
-    def item_id(self, i):
-        return f"img{i}"
-
-    def slice_classes(self, i):
-        ids, counts = np.unique(self.label, return_counts=True)
-        return dict(zip(ids.tolist(), counts.tolist()))
-
-    def load(self, i):
-        image = np.full((40, 40, 3), 60, np.uint8)
-        image[self.label > 0] = 200
-        return image, self.label.copy()
-
-
 @pytest.mark.parametrize("use_box", [True, False])
-def test_rounds_add_one_click_each_and_train_end_to_end(use_box):
+def test_rounds_add_one_click_each_and_train_end_to_end(use_box, blob_source):
     model = build_sam("tiny", image_size=64)
     settings = PromptsSection(positive_points=1, box_probability=0.5)
-    ds = PromptedDataset(BlobSource(), LongestSideTransform(64), settings, min_pixels=10, training=True, seed=0, per_image=2)
+    ds = PromptedDataset(blob_source(), LongestSideTransform(64), settings, min_pixels=10, training=True, seed=0, per_image=2)
     batch = S.collate_samples([ds[0], ds[1]])
     rounds = PromptsSection(corrective_rounds=2, mask_only_rounds=1)
     calls = []
