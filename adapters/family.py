@@ -110,7 +110,18 @@ class ModelFamily:
         cropped = logits[None, :, :h, :w]
         return F.interpolate(cropped, size=tuple(original_hw), mode="bilinear", align_corners=False)[0, 0]
 
+    def export(self, model, fmt: str, out) -> list:
+        """Write a (merged) model in one of ``export_formats``; returns the files written."""
+        raise NotImplementedError
+
+    export_formats: tuple[str, ...] = ()
+
     # --- what trains ---
+    def trainable_modules(self, mode: str) -> tuple[str, ...]:
+        """Top-level modules trained in full in ``train.mode`` (``lora``: besides the LoRA
+        matrices, saved in the adapter folder); ``("",)`` = the whole model."""
+        return {"lora": (self.mask_decoder,), "decoder_only": (self.mask_decoder,), "full": ("",)}[mode]
+
     def lora_patterns(self, roles: tuple[str, ...]) -> str:
         unknown = [r for r in roles if r not in self.lora_roles]
         if unknown:

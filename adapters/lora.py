@@ -94,7 +94,7 @@ def apply_lora(model, family: ModelFamily, options: LoraOptions) -> PeftModel:
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
         target_modules=target,
-        modules_to_save=None if decoder_has_lora else [family.mask_decoder],
+        modules_to_save=None if decoder_has_lora else list(family.trainable_modules("lora")),
         bias="none",
     )
     return get_peft_model(model, config)
@@ -106,9 +106,9 @@ def prepare_trainable(model, family: ModelFamily, mode: str, options: LoraOption
         return apply_lora(model, family, options)
     if mode not in TRAIN_MODES:
         raise SamtuneError(f"train.mode={mode!r}: {did_you_mean(mode, TRAIN_MODES)}(use one of {', '.join(TRAIN_MODES)})")
-    model.requires_grad_(mode == "full")
-    if mode == "decoder_only":
-        model.get_submodule(family.mask_decoder).requires_grad_(True)
+    model.requires_grad_(False)
+    for name in family.trainable_modules(mode):
+        model.get_submodule(name).requires_grad_(True)
     return model
 
 

@@ -68,6 +68,13 @@ class SamFamily(ModelFamily):
             "Hugging Face model folder; check the path (relative paths are relative to the current directory)."
         )
 
+    export_formats = ("hf", "sam-pth", "onnx")
+
+    def export(self, model, fmt: str, out) -> list:
+        from samtune.adapters.export import export_model
+
+        return export_model(model, fmt, out)
+
     def load_full(self, folder) -> SamModel:
         return SamModel.from_pretrained(str(folder))
 

@@ -91,8 +91,9 @@ def evaluate(recipe: Recipe, checkpoint: str | Path, out: str | Path | None = No
 
 
 def export_checkpoint(recipe: Recipe, checkpoint: str | Path, fmt: str, out: str | Path) -> list[Path]:
-    """Load a checkpoint on the recipe's base model and export it merged (see adapters/export.py)."""
-    from samtune.adapters.export import export_model
-
-    model = load_checkpoint(checkpoint, model_family(recipe), lambda: build_base_model(recipe), recipe.model.model_dump())
-    return export_model(model, fmt, out)
+    """Load a checkpoint on the recipe's base model and export it merged, as its family writes it."""
+    family = model_family(recipe)
+    if fmt not in family.export_formats:
+        raise SamtuneError(f"--format {fmt!r}: model family {family.name!r} exports {', '.join(family.export_formats)}.")
+    model = load_checkpoint(checkpoint, family, lambda: build_base_model(recipe), recipe.model.model_dump())
+    return family.export(model, fmt, out)
