@@ -14,10 +14,11 @@ from collections.abc import Mapping
 import torch
 
 from samtune.adapters.checkpoint_files import CheckpointError
+from samtune.constants import PIXEL_MEAN, PIXEL_STD
 
 # Normalisation constants (0-255 scale) that some exports carry; the official module keeps them as
 # non-persistent buffers and SamModel has none: its image processor normalises instead.
-_PIXEL_KEYS = {"pixel_mean": (123.675, 116.28, 103.53), "pixel_std": (58.395, 57.12, 57.375)}
+_PIXEL_KEYS = {"pixel_mean": PIXEL_MEAN, "pixel_std": PIXEL_STD}
 _PE_KEY = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"  # (2, D/2) random Fourier features
 _PE_HF_KEYS = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
 

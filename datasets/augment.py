@@ -7,10 +7,11 @@ describe the augmented object.
 
 from __future__ import annotations
 
-import difflib
 import warnings
 
 import albumentations as A
+
+from samtune.suggest import did_you_mean
 
 
 def _transform_names() -> list[str]:
@@ -23,9 +24,8 @@ def build_transform(name: str, params: dict) -> A.BasicTransform:
     """``albumentations.<name>(**params)``; a ValueError that names the problem otherwise."""
     cls = getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
-        close = difflib.get_close_matches(name, _transform_names(), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{name!r} is not an albumentations transform{hint}")
+        hint = did_you_mean(name, _transform_names(), cutoff=0.6, fmt="{!r}")
+        raise ValueError(f"{name!r} is not an albumentations transform" + (f"; {hint.rstrip()}" if hint else ""))
     if not issubclass(cls, A.DualTransform) and not issubclass(cls, A.ImageOnlyTransform):
         raise ValueError(f"{name!r} cannot be applied to an image and its label map together")
     call = f"{name}({', '.join(f'{k}={v!r}' for k, v in params.items())})"

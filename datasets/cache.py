@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from samtune import SamtuneError
+from samtune.constants import DEFAULT_WINDOW_HU
 from samtune.datasets.checks import BadCase, handle_bad
 from samtune.datasets.volume import preprocess, read_case
 
@@ -49,7 +50,7 @@ class CaseFiles(Protocol):
 class VolumeSettings:
     """What turns a case's files into cached arrays (all of it is part of the cache key)."""
 
-    intensity: str | tuple[float, float] = (-160.0, 240.0)  # preset name or [low, high]
+    intensity: str | tuple[float, float] = DEFAULT_WINDOW_HU  # preset name or [low, high]
     spacing_mm: tuple[float, float] | None = None  # in-plane target [x, y], None keeps the scan's
     classes: tuple[int, ...] | None = None  # allowed label values besides 0 and 255 (None: 1..254)
 
