@@ -65,8 +65,7 @@ class NaiveNiftiSource(SliceSource):
         lo, hi = WINDOW  # the whole volume, as samtune's loader before the cache did
         image = np.round((np.clip(image, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
         plane = image[:, :, int(z)].T[::-1]  # canonical x×y -> rows anterior first
-        rgb = np.ascontiguousarray(np.repeat(plane[:, :, None], 3, axis=2))
-        return rgb, np.ascontiguousarray(label[:, :, int(z)].T[::-1])
+        return np.ascontiguousarray(plane), np.ascontiguousarray(label[:, :, int(z)].T[::-1])
 
 
 def samples_per_second(dataset, n: int, seed: int = 0) -> tuple[float, float, float]:

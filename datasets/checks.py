@@ -16,6 +16,7 @@ Policy decisions (documented in the README):
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,13 @@ def list_input_files(paths: list, suffixes: tuple[str, ...], pattern: str = "*")
     if not files:
         raise SamtuneError(f"{', '.join(map(str, paths))}: no {' / '.join(suffixes)} files found.")
     return files
+
+
+def check_image_range(image: np.ndarray, source: str) -> None:
+    """Warn when an image looks already normalised: SAM normalises 0-255 RGB itself."""
+    if image.dtype != np.uint8 and image.size and float(np.max(image)) <= 1.0:
+        warnings.warn(
+            f"{source}: image values lie in [0, 1]; samtune expects 0-255 RGB and normalises it "
+            "with SAM's pixel mean/std itself. Scale the image to 0-255 first.",
+            stacklevel=2,
+        )

@@ -364,11 +364,15 @@ class NiftiSliceSource(SliceSource):
         return np.array(self.cases[ci].label[z])
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """H×W×3 uint8 RGB (slice repeated, or neighbours z-k, z, z+k) and the H×W uint8 label."""
+        """The H×W uint8 grey slice (or, with ``context_slices`` k, the H×W×3 neighbours z-k, z,
+        z+k as RGB) and the H×W uint8 label. A grey slice stays one plane: the model family's
+        preprocessing repeats it into three channels after resizing, a third of the work."""
         ci, z = self.slices[index]
         case = self.cases[ci]
         volume = case.image
         k = self.context_slices
+        if k == 0:
+            return np.array(volume[z]), np.array(case.label[z])
         last = volume.shape[0] - 1
         # cv2.merge interleaves three planes ~20x faster than np.stack/np.repeat (hot path)
         image = cv2.merge([volume[max(z - k, 0)], volume[z], volume[min(z + k, last)]])

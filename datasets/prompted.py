@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import Dataset
 
 from samtune.datasets import sample as S
+from samtune.datasets.checks import check_image_range
 from samtune.datasets.prompts import PromptOptions, sample_box, sample_points, split_objects
 from samtune.datasets.source import SliceSource
-from samtune.datasets.transforms import check_image_range
 
 
 class InputTransform(Protocol):

@@ -38,7 +38,7 @@ class SliceSource:
         raise NotImplementedError
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """H×W×3 uint8 RGB and the H×W label map."""
+        """H×W×3 uint8 RGB (or H×W uint8 grey: CT/MR slices) and the H×W label map."""
         raise NotImplementedError
 
     def slice_classes(self, index: int) -> dict[int, int]:

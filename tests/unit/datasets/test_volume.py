@@ -34,7 +34,7 @@ def test_intensity_presets(tmp_path, preset, window):
     src = NiftiSliceSource([Case("x", tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz")], {1: "a"}, preset)
     lo, hi = window
     assert src.cases[0].meta["window"] == [lo, hi]
-    got = src.load(0)[0][::-1, 0, 0]  # rows are y reversed; the 14 values lie along y
+    got = src.load(0)[0][::-1, 0]  # rows are y reversed; the 14 values lie along y
     expected = np.round((np.clip(HU.astype(np.float64), lo, hi) - lo) * 255.0 / (hi - lo)).astype(np.uint8)
     np.testing.assert_array_equal(got, expected)
     assert got[HU <= lo].max() == 0 and got[HU >= hi].min() == 255
@@ -70,7 +70,7 @@ def test_spacing_resampling_changes_the_in_plane_shape(phantom, tmp_path):
         for c, n in base.cases[0].meta["slices"][z].items():
             assert meta["slices"][z][c][0] == pytest.approx(3 * n[0], rel=0.25)
     image, lab = src.load(0)
-    assert image.shape == (72, 96, 3) and lab.shape == (72, 96)
+    assert image.shape == lab.shape == (72, 96)
 
 
 def test_slice_index_counts_pixels_and_components(phantom, tmp_path):
