@@ -11,6 +11,7 @@ good one was.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from peft import PeftModel
 
 from samtune import SamtuneError
 from samtune.adapters.family import ModelFamily
+
+log = logging.getLogger(__name__)
 
 # the recipe keys that decide which base model an adapter fits
 _BASE_KEYS = ("name", "checkpoint", "image_size", "init_seed")
@@ -71,6 +74,24 @@ def _mismatch(folder: Path, base: dict | None) -> SamtuneError:
     )
 
 
+def check_same_base(folder: Path, base_keys: dict | None) -> None:
+    """An adapter loads onto any base of the same shapes (every ``tiny`` size, any init seed, any
+    checkpoint of one architecture), so a different base would give wrong numbers without an error:
+    refuse another model name, weights file or init seed; warn on another input size (LoRA and the
+    decoder do not depend on it, so evaluating at another size is an experiment one may run)."""
+    saved = _base_of(folder)
+    if saved is None or base_keys is None:
+        return
+    name_of = lambda c: Path(str(c)).name if c else None  # noqa: E731  (weights move between machines)
+    differ = [k for k in ("name", "init_seed") if saved.get(k) != base_keys.get(k)]
+    if name_of(saved.get("checkpoint")) != name_of(base_keys.get("checkpoint")):
+        differ.append("checkpoint")
+    if differ:
+        raise _mismatch(folder, base_keys)
+    if saved.get("image_size") != base_keys.get("image_size"):
+        log.warning("--checkpoint %s was trained at model.image_size=%s; the recipe runs it at %s", folder, saved.get("image_size"), base_keys.get("image_size"))
+
+
 def load_checkpoint(folder: str | Path, family: ModelFamily, build_base: Callable[[], object], base_keys: dict | None = None):
     """Load a checkpoint folder: a peft adapter onto ``build_base()``, or a whole model saved by
     ``train.mode: decoder_only`` / ``full``. ``base_keys``: the recipe's ``model:`` keys, named
@@ -79,6 +100,7 @@ def load_checkpoint(folder: str | Path, family: ModelFamily, build_base: Callabl
     if (folder / "adapter_config.json").is_file():
         if not (folder / "adapter_model.safetensors").is_file():
             raise SamtuneError(f"--checkpoint {folder}: adapter_model.safetensors is missing; the save was interrupted or the folder was copied incompletely.")
+        check_same_base(folder, base_keys)
         base = build_base()
         try:
             return PeftModel.from_pretrained(base, str(folder))

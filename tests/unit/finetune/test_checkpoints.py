@@ -83,3 +83,16 @@ def test_adapter_on_another_base_model_is_a_short_error(tmp_path):
     assert len(message) < 600, message  # peft's own size-mismatch dump runs to tens of thousands of characters
     assert "trained on the base model.name='tiny'" in message and "the recipe builds model.name='tiny-wide'" in message
     assert str(tmp_path / "best" / "recipe.yaml") in message
+
+
+def test_adapter_on_a_base_of_the_same_shapes_but_other_weights_is_refused(tmp_path, caplog):
+    """Every tiny size and seed has the same shapes: peft would load silently onto the wrong base."""
+    recipe_yaml = "model:\n  name: tiny\n  checkpoint: null\n  image_size: 64\n  init_seed: 0\n"
+    save_checkpoint(_adapter(), tmp_path / "best", recipe_yaml, {})
+    keys = {"name": "tiny", "checkpoint": None, "image_size": 64, "init_seed": 0}
+    with pytest.raises(SamtuneError, match="model.init_seed=0.*the recipe builds.*model.init_seed=1"):
+        load_checkpoint(tmp_path / "best", family_of("tiny"), _tiny, {**keys, "init_seed": 1})
+    with caplog.at_level("WARNING"):
+        load_checkpoint(tmp_path / "best", family_of("tiny"), _tiny, {**keys, "image_size": 128})
+    assert "trained at model.image_size=64; the recipe runs it at 128" in caplog.text
+    load_checkpoint(tmp_path / "best", family_of("tiny"), _tiny, keys)  # the same base: loads
