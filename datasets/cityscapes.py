@@ -212,6 +212,24 @@ class CityscapesSource(SliceSource):
             (iw, ih), (lw, lh) = sizes
             raise BadCase(stem, image, f"image is {iw}×{ih} but its label {label} is {lw}×{lh}", "they must match pixel for pixel")
 
+    def consistency_problems(self) -> list[dict]:
+        """Where both exist, ``_labelTrainIds.png`` must equal the official mapping of
+        ``_labelIds.png`` (checked on the first such image: a different table would silently change
+        every class)."""
+        for i, uses_train_ids in enumerate(self.train_ids):
+            label_ids = Path(str(self.labels[i]).replace("_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"))
+            if uses_train_ids and label_ids.is_file():
+                with Image.open(label_ids) as img:
+                    expected = map_label_ids(np.asarray(img))
+                if np.array_equal(expected, self.load_label(i)):
+                    return []
+                return [{
+                    "case": self.item_id(i), "file": str(self.labels[i]),
+                    "problem": f"differs from the official trainId mapping of {label_ids.name}; regenerate the "
+                    "labelTrainIds files with cityscapesScripts' createTrainIdLabelImgs, or delete them",
+                }]  # fmt: skip
+        return []
+
     def __len__(self) -> int:
         return len(self.images)
 

@@ -50,6 +50,11 @@ class SliceSource:
         them indexed (cached NIfTI); None: the caller computes them from the label map."""
         return None
 
+    def consistency_problems(self) -> list[dict]:
+        """Costlier checks that only ``samtune inspect`` runs, as ``{"case", "file", "problem"}``
+        records (e.g. Cityscapes trainIds files against the official mapping); none by default."""
+        return []
+
     def slice_position(self, index: int) -> tuple[str, int]:
         """(case name, z) of a slice (volumetric sources)."""
         raise TypeError(f"{type(self).__name__} serves 2D images: it has no slice positions")

@@ -22,11 +22,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from samtune import SamtuneError
-from samtune.datasets.cityscapes import map_label_ids
 from samtune.datasets.source import DataSplit
 from samtune.files import write_json_atomic
 from samtune.finetune.data import open_split
@@ -86,8 +84,7 @@ def _image_summary(sources: DataSplit, report: dict, progress: bool) -> None:
                 c["cases"] += 1
     report["slices"].update(total=total, with_foreground=foreground)
     _fill_classes(report, sources.train.class_names, classes)
-    if sources.layout == "cityscapes":
-        _check_train_ids(sources.train, report)
+    report["problems"].extend(sources.train.consistency_problems())
 
 
 def _fill_classes(report: dict, class_names: dict[int, str], found: dict[int, dict]) -> None:
@@ -96,23 +93,6 @@ def _fill_classes(report: dict, class_names: dict[int, str], found: dict[int, di
     absent = [n for n, c in report["classes"].items() if c["voxels"] == 0]
     if absent and report["kind"] != "cityscapes":  # Cityscapes subsets routinely lack rare classes
         report["warnings"].append(f"classes of the class map never found in the labels: {absent}")
-
-
-def _check_train_ids(src, report: dict) -> None:
-    """Where both exist, ``_labelTrainIds.png`` must equal the official mapping of ``_labelIds.png``
-    (checked on the first such image: a different table would silently change every class)."""
-    for i, uses_train_ids in enumerate(src.train_ids):
-        label_ids = Path(str(src.labels[i]).replace("_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"))
-        if uses_train_ids and label_ids.is_file():
-            with Image.open(label_ids) as img:
-                expected = map_label_ids(np.asarray(img))
-            if not np.array_equal(expected, src.load_label(i)):
-                report["problems"].append({
-                    "case": src.item_id(i), "file": str(src.labels[i]),
-                    "problem": f"differs from the official trainId mapping of {label_ids.name}; regenerate the "
-                    "labelTrainIds files with cityscapesScripts' createTrainIdLabelImgs, or delete them",
-                })  # fmt: skip
-            return
 
 
 def inspect_data(recipe: Recipe, progress: bool = True) -> dict:
