@@ -15,6 +15,7 @@ adapter folder (tests/unit/adapters/test_family.py).
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -46,8 +47,9 @@ class ImageEmbeddings:
         )
 
 
-class ModelFamily:
-    """The interface; ``SamFamily`` (adapters/sam.py) is the first implementation.
+class ModelFamily(ABC):
+    """The interface (abstract methods: what a new family must implement); ``SamFamily``
+    (adapters/sam.py) is the first implementation.
 
     Module-name attributes are the top-level submodules of the built model (and of a peft-wrapped
     one, under peft's prefix): ``image_encoder`` is frozen in ``lora``/``decoder_only`` modes,
@@ -62,29 +64,32 @@ class ModelFamily:
     encoder_block: re.Pattern | None = None  # captures the block index of an encoder module name
 
     # --- building and files ---
+    @abstractmethod
     def build(self, variant: "ModelVariant", checkpoint: str | None, image_size: int, init_seed: int) -> torch.nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def load_full(self, folder) -> torch.nn.Module:
         """A whole model saved with ``save_pretrained`` (``train.mode`` decoder_only / full)."""
-        raise NotImplementedError
+        ...
 
-    def image_size(self, model) -> int:
-        raise NotImplementedError
-
+    @abstractmethod
     def encoder_depth(self, model) -> int:
-        raise NotImplementedError
+        ...
 
     # --- data in and out ---
+    @abstractmethod
     def make_transform(self, image_size: int) -> Callable:
         """The preprocessing of an H×W×3 uint8 image (+ label map) into model input; the object
         also has ``resized_shape(original_hw)`` (the geometry to undo) and ``image_size``."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def encode_images(self, model, pixel_values: torch.Tensor) -> ImageEmbeddings:
         """B×3×S×S preprocessed images -> embeddings, with gradients where LoRA needs them."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def decode_prompts(
         self,
         model,
@@ -98,7 +103,7 @@ class ModelFamily:
         """One prompt per embedding row: ``boxes`` N×4 xyxy, ``points`` N×K×2 (x, y) with
         ``point_labels`` N×K (1, 0, -1 padding), ``mask_inputs`` N×1×s×s low-res logits;
         coordinates in input px. Returns N×M×s×s low-res logits and N×M predicted IoU."""
-        raise NotImplementedError
+        ...
 
     def upscale_logits(self, low_res: torch.Tensor, image_size: int) -> torch.Tensor:
         """N×M×s×s -> N×M×S×S logits in the padded input frame."""
@@ -110,9 +115,10 @@ class ModelFamily:
         cropped = logits[None, :, :h, :w]
         return F.interpolate(cropped, size=tuple(original_hw), mode="bilinear", align_corners=False)[0, 0]
 
+    @abstractmethod
     def export(self, model, fmt: str, out) -> list:
         """Write a (merged) model in one of ``export_formats``; returns the files written."""
-        raise NotImplementedError
+        ...
 
     export_formats: tuple[str, ...] = ()
 

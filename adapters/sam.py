@@ -78,9 +78,6 @@ class SamFamily(ModelFamily):
     def load_full(self, folder) -> SamModel:
         return SamModel.from_pretrained(str(folder))
 
-    def image_size(self, model) -> int:
-        return _sam_config(model).vision_config.image_size
-
     def encoder_depth(self, model) -> int:
         return _sam_config(model).vision_config.num_hidden_layers
 

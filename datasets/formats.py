@@ -73,9 +73,14 @@ class DataFormat:
 _FORMATS: dict[str, DataFormat] = {}
 
 
+def kind_of(section: type[DataSectionBase]) -> str:
+    """The ``data.kind`` a section declares with ``kind: Literal["<kind>"]``."""
+    return section.model_fields["kind"].annotation.__args__[0]
+
+
 def register_format(section: type[DataSectionBase], make_demo: Callable | None = None):
     """Decorator for a format's ``open`` factory; the kind is the section's ``kind`` literal."""
-    kind = section.model_fields["kind"].annotation.__args__[0]
+    kind = kind_of(section)
 
     def decorate(open_fn: OpenSources) -> OpenSources:
         if kind in _FORMATS and _FORMATS[kind].open is not open_fn:
@@ -89,7 +94,7 @@ def register_format(section: type[DataSectionBase], make_demo: Callable | None =
 def register_images(section: type[DataSectionBase]):
     """Decorator for a format's label-free factory ``(section, paths) -> SliceSource`` (files or
     folders of images as the format stores them; every label is background, ``has_labels`` False)."""
-    kind = section.model_fields["kind"].annotation.__args__[0]
+    kind = kind_of(section)
 
     def decorate(open_fn: Callable) -> Callable:
         _FORMATS[kind].open_images = open_fn

@@ -57,6 +57,11 @@ def _checkpoint_folder(path: Path) -> Path:
     raise SamtuneError(f"{path}: neither a checkpoint folder (adapter_config.json) nor a run folder with checkpoints/best or checkpoints/last.")
 
 
+def _load_onto_base(recipe: Recipe, family: ModelFamily, checkpoint: str | Path):
+    """A checkpoint folder loaded onto the recipe's base model (checked against the folder's recipe)."""
+    return load_checkpoint(checkpoint, family, lambda: build_base_model(recipe), recipe.model.model_dump())
+
+
 def load_model(run_dir_or_checkpoint: str | Path, recipe: Recipe | str | Path | None = None, device: str = "cpu") -> LoadedModel:
     """The model of a run folder (its best checkpoint) or of a checkpoint folder, with its recipe
     (``CHECKPOINT/recipe.yaml`` unless ``recipe`` is given)."""
@@ -64,7 +69,7 @@ def load_model(run_dir_or_checkpoint: str | Path, recipe: Recipe | str | Path | 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe or folder / "recipe.yaml")
     family = model_family(recipe)
-    model = load_checkpoint(folder, family, lambda: build_base_model(recipe), recipe.model.model_dump())
+    model = _load_onto_base(recipe, family, folder)
     target = resolve_device(device)
     return LoadedModel(model.to(target).eval(), recipe, family, folder, target)
 
@@ -78,7 +83,7 @@ def evaluate(recipe: Recipe, checkpoint: str | Path, out: str | Path | None = No
     device = resolve_device(recipe.train.device)
     family = model_family(recipe)
     data = build_datasets(recipe, family.make_transform(image_size_of(recipe)), training=False)
-    model = load_checkpoint(checkpoint, family, lambda: build_base_model(recipe), recipe.model.model_dump()).to(device)
+    model = _load_onto_base(recipe, family, checkpoint).to(device)
     metrics = evaluate_with_recipe(model, family, data.val, recipe, device)
     metrics["checkpoint"] = str(checkpoint)
     write_json_atomic(out_path, metrics)
@@ -95,5 +100,5 @@ def export_checkpoint(recipe: Recipe, checkpoint: str | Path, fmt: str, out: str
     family = model_family(recipe)
     if fmt not in family.export_formats:
         raise SamtuneError(f"--format {fmt!r}: model family {family.name!r} exports {', '.join(family.export_formats)}.")
-    model = load_checkpoint(checkpoint, family, lambda: build_base_model(recipe), recipe.model.model_dump())
+    model = _load_onto_base(recipe, family, checkpoint)
     return family.export(model, fmt, out)
