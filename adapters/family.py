@@ -47,6 +47,30 @@ class ImageEmbeddings:
         )
 
 
+class ClassPrompts(torch.nn.Module):
+    """The automatic mode's learnt prompts: ``tokens`` K×T×C, T prompt tokens per class, read by
+    the mask decoder exactly where a box's two corner embeddings would be (the sparse prompt).
+
+    One prompt per class instead of per-class mask tokens keeps the decoder untouched, so the same
+    decoder (and adapter folder) still answers boxes and clicks, and a class prompt can be
+    combined with clicks for corrections. The module sits on the base model as the top-level
+    submodule ``class_prompts``; in ``lora`` mode peft saves it with the mask decoder
+    (``modules_to_save``) in ``adapter_model.safetensors``.
+    """
+
+    def __init__(self, n_classes: int, n_tokens: int, dim: int, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        # unit scale, like SAM's point/corner embeddings (nn.Embedding's N(0, 1)) the decoder already reads
+        self.tokens = torch.nn.Parameter(torch.randn(n_classes, n_tokens, dim, generator=generator))
+
+    def forward(self) -> torch.Tensor:
+        return self.tokens
+
+
+CLASS_PROMPTS = "class_prompts"  # the base model's attribute holding ClassPrompts (automatic mode)
+
+
 class ModelFamily(ABC):
     """The interface (abstract methods: what a new family must implement); ``SamFamily``
     (adapters/sam.py) is the first implementation.
@@ -105,15 +129,32 @@ class ModelFamily(ABC):
         coordinates in input px. Returns N×M×s×s low-res logits and N×M predicted IoU."""
         ...
 
+    @abstractmethod
+    def decode_classes(self, model, embeddings: ImageEmbeddings, class_tokens: torch.Tensor) -> torch.Tensor:
+        """Automatic mode: every class prompt on every image. ``class_tokens`` K×T×C (the model's
+        ``ClassPrompts``); returns B×K×s×s low-res logits, one mask per class and image."""
+        ...
+
+    @abstractmethod
+    def prompt_dim(self, model) -> int:
+        """Width C of the decoder's prompt tokens (what ``ClassPrompts`` must produce)."""
+        ...
+
+    def add_class_prompts(self, model, n_classes: int, n_tokens: int, seed: int = 0) -> None:
+        """Give a base model its automatic-mode prompts (before peft wraps it or a checkpoint loads)."""
+        setattr(model, CLASS_PROMPTS, ClassPrompts(n_classes, n_tokens, self.prompt_dim(model), seed))
+
     def upscale_logits(self, low_res: torch.Tensor, image_size: int) -> torch.Tensor:
         """N×M×s×s -> N×M×S×S logits in the padded input frame."""
         return F.interpolate(low_res, size=(image_size, image_size), mode="bilinear", align_corners=False)
 
     def logits_to_original(self, logits: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int]) -> torch.Tensor:
-        """1×S×S input-frame logits -> H×W logits of the original image: crop the padding, resize."""
+        """C×S×S input-frame logits -> C×H×W logits of the original image (crop the padding,
+        resize); a 1×S×S input gives H×W."""
         h, w = resized_hw
         cropped = logits[None, :, :h, :w]
-        return F.interpolate(cropped, size=tuple(original_hw), mode="bilinear", align_corners=False)[0, 0]
+        out = F.interpolate(cropped, size=tuple(original_hw), mode="bilinear", align_corners=False)[0]
+        return out[0] if len(out) == 1 else out
 
     @abstractmethod
     def export(self, model, fmt: str, out) -> list:
@@ -123,10 +164,12 @@ class ModelFamily(ABC):
     export_formats: tuple[str, ...] = ()
 
     # --- what trains ---
-    def trainable_modules(self, mode: str) -> tuple[str, ...]:
+    def trainable_modules(self, mode: str, model=None) -> tuple[str, ...]:
         """Top-level modules trained in full in ``train.mode`` (``lora``: besides the LoRA
-        matrices, saved in the adapter folder); ``("",)`` = the whole model."""
-        return {"lora": (self.mask_decoder,), "decoder_only": (self.mask_decoder,), "full": ("",)}[mode]
+        matrices, saved in the adapter folder); ``("",)`` = the whole model. The class prompts
+        of an automatic model (when ``model`` has them) always train."""
+        extra = (CLASS_PROMPTS,) if model is not None and hasattr(model, CLASS_PROMPTS) else ()
+        return {"lora": (self.mask_decoder, *extra), "decoder_only": (self.mask_decoder, *extra), "full": ("",)}[mode]
 
     def lora_patterns(self, roles: tuple[str, ...]) -> str:
         unknown = [r for r in roles if r not in self.lora_roles]
@@ -144,6 +187,8 @@ class ModelFamily(ABC):
 
     def component_of(self, parameter_name: str) -> str:
         """Which part a parameter belongs to, for the parameter table (peft prefixes allowed)."""
+        if f"{CLASS_PROMPTS}." in parameter_name:
+            return CLASS_PROMPTS
         if "lora_" in parameter_name:
             return "encoder_lora" if f"{self.image_encoder}." in parameter_name else "decoder_lora"
         if f"{self.mask_decoder}." in parameter_name:

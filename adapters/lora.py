@@ -94,7 +94,7 @@ def apply_lora(model, family: ModelFamily, options: LoraOptions) -> PeftModel:
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
         target_modules=target,
-        modules_to_save=None if decoder_has_lora else list(family.trainable_modules("lora")),
+        modules_to_save=[m for m in family.trainable_modules("lora", model) if not (decoder_has_lora and m == family.mask_decoder)] or None,
         bias="none",
     )
     return get_peft_model(model, config)
@@ -107,7 +107,7 @@ def prepare_trainable(model, family: ModelFamily, mode: str, options: LoraOption
     if mode not in TRAIN_MODES:
         raise SamtuneError(f"train.mode={mode!r}: {did_you_mean(mode, TRAIN_MODES)}(use one of {', '.join(TRAIN_MODES)})")
     model.requires_grad_(False)
-    for name in family.trainable_modules(mode):
+    for name in family.trainable_modules(mode, model):
         model.get_submodule(name).requires_grad_(True)
     return model
 
@@ -115,7 +115,7 @@ def prepare_trainable(model, family: ModelFamily, mode: str, options: LoraOption
 def count_parameters(model, family: ModelFamily) -> dict[str, int]:
     """Trainable and total parameter counts, per component (logged and saved in metrics.json)."""
     counts = dict.fromkeys(
-        ("encoder_lora", "decoder_lora", "mask_decoder", "image_encoder", "prompt_encoder", "trainable", "total"), 0
+        ("encoder_lora", "decoder_lora", "mask_decoder", "class_prompts", "image_encoder", "prompt_encoder", "trainable", "total"), 0
     )
     seen = set()
     for name, param in model.named_parameters():

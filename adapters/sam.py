@@ -101,6 +101,23 @@ class SamFamily(ModelFamily):
         )
         return out.pred_masks[:, 0], out.iou_scores[:, 0]
 
+    def prompt_dim(self, model) -> int:
+        return _sam_config(model).prompt_encoder_config.hidden_size
+
+    def decode_classes(self, model, embeddings, class_tokens):
+        # The decoder's "point batch" axis carries the classes: one image embedding, K prompts,
+        # as SamModel.forward would run K boxes on one image; no mask prompt (no_mask_embed).
+        image = embeddings.image_embeddings
+        batch, _, height, width = image.shape
+        sparse = class_tokens.to(image.dtype)[None].expand(batch, -1, -1, -1)  # B×K×T×C
+        dense = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, height, width)
+        positions = model.get_image_wide_positional_embeddings().repeat(batch, 1, 1, 1)
+        low_res, _ = model.mask_decoder(
+            image_embeddings=image, image_positional_embeddings=positions,
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+        )  # fmt: skip
+        return low_res[:, :, 0]  # B×K×s×s
+
 
 def _sam_config(model) -> SamConfig:
     config = getattr(model, "config", None)  # a PeftModel forwards .config to the base model

@@ -11,6 +11,8 @@ ends) as the three channels of an RGB image (2.5D).
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import re
 import zlib
@@ -91,6 +93,13 @@ class NiftiSliceSource(SliceSource):
 
     def __len__(self) -> int:
         return len(self.slices)
+
+    def every_slice(self) -> "NiftiSliceSource":
+        if len(self.slices) == sum(len(c.label) for c in self.cases):
+            return self
+        view = copy.copy(self)
+        view.slices = [(ci, z) for ci, case in enumerate(self.cases) for z in range(len(case.label))]
+        return view
 
     def item_id(self, index: int) -> str:
         ci, z = self.slices[index]

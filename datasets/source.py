@@ -15,6 +15,51 @@ import numpy as np
 from samtune.constants import IGNORE_INDEX
 
 
+@dataclass
+class LabelSpace:
+    """The classes an automatic model predicts, in the order of its class prompts, and how its
+    label maps are written; saved with every checkpoint as ``classes.json``.
+
+    ``ids``: the source's class ids (NIfTI label values, Cityscapes trainIds); ``background_id``:
+    the source id of a pixel no class claims (0, or 255 for Cityscapes, which has no background
+    class); ``file_ids`` / ``file_background``: the values written to prediction files (Cityscapes:
+    labelIds, as its ground truth and official evaluator use; otherwise the ids themselves).
+    """
+
+    ids: list[int]
+    names: list[str]
+    background_id: int = 0
+    file_ids: list[int] | None = None
+    file_background: int = 0
+
+    def to_dict(self) -> dict:
+        return {"ids": self.ids, "names": self.names, "background_id": self.background_id,
+                "file_ids": self.file_values(), "file_background": self.file_background}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LabelSpace":
+        return cls([int(i) for i in d["ids"]], [str(n) for n in d["names"]], int(d["background_id"]),
+                   [int(i) for i in d["file_ids"]], int(d["file_background"]))  # fmt: skip
+
+    def file_values(self) -> list[int]:
+        return list(self.file_ids) if self.file_ids is not None else list(self.ids)
+
+    def index_lut(self, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+        """256 entries: source id -> class index 0..K-1, K for every other id, 255 for ignored."""
+        lut = np.full(256, len(self.ids), np.uint8)
+        lut[self.ids] = np.arange(len(self.ids), dtype=np.uint8)
+        lut[ignore_index] = IGNORE_INDEX
+        return lut
+
+    def to_source_ids(self, index_map: np.ndarray) -> np.ndarray:
+        """Class indexes (K = background) -> source ids."""
+        return np.asarray([*self.ids, self.background_id], dtype=np.int64)[index_map]
+
+    def to_file_ids(self, index_map: np.ndarray) -> np.ndarray:
+        """Class indexes (K = background) -> the values a prediction file holds."""
+        return np.asarray([*self.file_values(), self.file_background], dtype=np.int64)[index_map]
+
+
 class SliceSource:
     """A list of 2D images with label maps (class ids; ``ignore_index`` never counts).
 
@@ -44,6 +89,21 @@ class SliceSource:
     def slice_classes(self, index: int) -> dict[int, int]:
         """Class id -> pixels in this image, without reading the image."""
         raise NotImplementedError
+
+    def label_space(self, class_ids: list[int]) -> LabelSpace:
+        """The automatic model's classes (the given ids of ``class_names``); formats whose files hold
+        other values than their class ids (Cityscapes labelIds) override this."""
+        return LabelSpace(list(class_ids), [self.class_names[i] for i in class_ids])
+
+    def prediction_name(self, index: int) -> str:
+        """Relative file name of a 2D prediction of image ``index`` (Cityscapes: named like its
+        ground truth)."""
+        return f"{self.item_id(index)}.png"
+
+    def every_slice(self) -> "SliceSource":
+        """The same cases with every slice served (semantic evaluation of whole volumes), also the
+        empty ones a training source leaves out; 2D sources serve every image already."""
+        return self
 
     def slice_components(self, index: int) -> dict[int, list[int]] | None:
         """Class id -> sizes (px) of its connected components, largest first, when the source has

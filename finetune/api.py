@@ -18,12 +18,13 @@ import torch
 from samtune import SamtuneError
 from samtune.adapters.family import ModelFamily
 from samtune.files import write_json_atomic
-from samtune.finetune.checkpoints import load_checkpoint
+from samtune.finetune.automatic import has_class_prompts
+from samtune.finetune.checkpoints import load_checkpoint, read_classes
 from samtune.finetune.data import build_datasets
-from samtune.finetune.metrics import format_table
 from samtune.finetune.recipe import Recipe, load_recipe
 from samtune.finetune.runtime import build_base_model, check_writable, image_size_of, model_family, resolve_device, seed_everything
-from samtune.finetune.trainer import describe_prompts, describe_volume, evaluate_with_recipe
+from samtune.finetune.predict import write_label_volumes
+from samtune.finetune.trainer import evaluate_with_recipe, json_ready, print_results, write_per_case
 from samtune.finetune.trainer import train as train  # re-exported: samtune.train
 
 
@@ -47,7 +48,7 @@ class LoadedModel:
         return self.family.make_transform(self.image_size)
 
 
-def _checkpoint_folder(path: Path) -> Path:
+def checkpoint_folder(path: Path) -> Path:
     """A checkpoint folder, or a run folder (its best checkpoint, else its last)."""
     if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
         return path
@@ -65,7 +66,7 @@ def _load_onto_base(recipe: Recipe, family: ModelFamily, checkpoint: str | Path)
 def load_model(run_dir_or_checkpoint: str | Path, recipe: Recipe | str | Path | None = None, device: str = "cpu") -> LoadedModel:
     """The model of a run folder (its best checkpoint) or of a checkpoint folder, with its recipe
     (``CHECKPOINT/recipe.yaml`` unless ``recipe`` is given)."""
-    folder = _checkpoint_folder(Path(run_dir_or_checkpoint))
+    folder = checkpoint_folder(Path(run_dir_or_checkpoint))
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe or folder / "recipe.yaml")
     family = model_family(recipe)
@@ -75,23 +76,33 @@ def load_model(run_dir_or_checkpoint: str | Path, recipe: Recipe | str | Path | 
 
 
 def evaluate(recipe: Recipe, checkpoint: str | Path, out: str | Path | None = None, *, quiet: bool = False) -> dict:
-    """Rebuild the base model from the recipe, load the checkpoint, evaluate on the val split;
-    writes the metrics JSON (default ``<output.dir>/eval/metrics.json``) and returns it."""
+    """Rebuild the base model from the recipe, load the checkpoint, evaluate on the val split
+    (prompted and/or semantic, by the recipe's ``task``); writes the metrics JSON (default
+    ``<output.dir>/eval/metrics.json``), ``per_case.csv`` beside it for volumes, and with
+    ``eval.save_predictions`` the label maps into ``predictions/`` beside it; returns the metrics."""
     out_path = Path(out) if out else Path(recipe.output.dir) / "eval" / "metrics.json"
     check_writable(out_path.parent, "--out" if out else "output.dir")
     seed_everything(recipe.seed)
     device = resolve_device(recipe.train.device)
     family = model_family(recipe)
-    data = build_datasets(recipe, family.make_transform(image_size_of(recipe)), training=False)
     model = _load_onto_base(recipe, family, checkpoint).to(device)
-    metrics = evaluate_with_recipe(model, family, data.val, recipe, device)
+    if recipe.task != "promptable" and not has_class_prompts(model):
+        raise SamtuneError(f"task={recipe.task!r}: checkpoint {checkpoint} has no class prompts (it was trained with task: promptable); evaluate it with task=promptable.")
+    data = build_datasets(recipe, family.make_transform(image_size_of(recipe)), training=False)
+    space = read_classes(checkpoint_folder(Path(checkpoint)))
+    if data.space is not None and space and space["label_space"]["ids"] != data.space.ids:
+        raise SamtuneError(f"--checkpoint {checkpoint}: its class prompts are for class ids {space['label_space']['ids']}, the data has {data.space.ids}; evaluate on data with the same classes (data.classes).")
+    predictions = out_path.parent / "predictions" if recipe.eval.save_predictions else None
+    metrics = evaluate_with_recipe(model, family, data, recipe, device, predictions=predictions)
+    if predictions is not None and "semantic" in metrics and "label_volumes" in metrics["semantic"]:
+        write_label_volumes(metrics["semantic"]["label_volumes"], data.val_semantic.source, data.space, predictions)
+    metrics = json_ready(metrics)
     metrics["checkpoint"] = str(checkpoint)
     write_json_atomic(out_path, metrics)
+    write_per_case(metrics, out_path.parent)
     if not quiet:
-        print(format_table({Path(checkpoint).name: metrics}, title=f"validation, {describe_prompts(recipe)}"))
-        if "volume" in metrics:
-            print(describe_volume(metrics))
-        print(f"mIoU {metrics['miou']:.3f}; written to {out_path}")
+        print_results({Path(checkpoint).name: metrics}, recipe)
+        print(f"{metrics['headline']} mIoU {metrics['miou']:.3f}; written to {out_path}")
     return metrics
 
 

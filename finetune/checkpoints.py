@@ -22,7 +22,7 @@ import yaml
 from peft import PeftModel
 
 from samtune import SamtuneError
-from samtune.adapters.family import ModelFamily
+from samtune.adapters.family import CLASS_PROMPTS, ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,12 @@ log = logging.getLogger(__name__)
 _BASE_KEYS = ("name", "checkpoint", "image_size", "init_seed")
 
 
-def save_checkpoint(model, folder: Path, recipe_yaml: str, state: dict) -> None:
+CLASSES_FILE = "classes.json"
+
+
+def save_checkpoint(model, folder: Path, recipe_yaml: str, state: dict, classes: dict | None = None) -> None:
+    """``classes``: the task and, for automatic models, the label space of the class prompts
+    (``classes.json``, what ``predict`` needs to name and write classes without the data)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
@@ -38,6 +43,8 @@ def save_checkpoint(model, folder: Path, recipe_yaml: str, state: dict) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if classes is not None:
+            (tmp / CLASSES_FILE).write_text(json.dumps(classes, indent=2))
         old = None
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -92,22 +99,47 @@ def check_same_base(folder: Path, base_keys: dict | None) -> None:
         log.warning("--checkpoint %s was trained at model.image_size=%s; the recipe runs it at %s", folder, saved.get("image_size"), base_keys.get("image_size"))
 
 
+def read_classes(folder: str | Path) -> dict | None:
+    """The checkpoint's ``classes.json`` (task, class prompt tokens, label space), None if absent."""
+    path = Path(folder) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        classes = json.loads(path.read_text())
+        int(classes["tokens"]), dict(classes["label_space"])  # both present
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SamtuneError(f"{path}: not a readable samtune classes file ({type(exc).__name__}: {exc}); copy it again from the run folder.") from None
+    return classes
+
+
 def load_checkpoint(folder: str | Path, family: ModelFamily, build_base: Callable[[], object], base_keys: dict | None = None):
     """Load a checkpoint folder: a peft adapter onto ``build_base()``, or a whole model saved by
     ``train.mode: decoder_only`` / ``full``. ``base_keys``: the recipe's ``model:`` keys, named
-    in the error when the adapter does not fit."""
+    in the error when the adapter does not fit. An automatic model (``classes.json``) gets its
+    class prompts on the base first, so plain peft loads them with the decoder."""
     folder = Path(folder)
+    classes = read_classes(folder)
+    n_classes = len(classes["label_space"]["ids"]) if classes and int(classes["tokens"]) else 0
     if (folder / "adapter_config.json").is_file():
         if not (folder / "adapter_model.safetensors").is_file():
             raise SamtuneError(f"--checkpoint {folder}: adapter_model.safetensors is missing; the save was interrupted or the folder was copied incompletely.")
         check_same_base(folder, base_keys)
         base = build_base()
+        if n_classes:
+            family.add_class_prompts(base, n_classes, int(classes["tokens"]))
         try:
             return PeftModel.from_pretrained(base, str(folder))
         except RuntimeError:  # size mismatch: the recipe builds a different base model
             raise _mismatch(folder, base_keys) from None
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return family.load_full(folder)
+        model = family.load_full(folder)
+        if n_classes:  # the family's loader does not know the extra module: load it from the weights file
+            from safetensors.torch import load_file
+
+            family.add_class_prompts(model, n_classes, int(classes["tokens"]))
+            state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.startswith(CLASS_PROMPTS + ".")}
+            getattr(model, CLASS_PROMPTS).load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()})
+        return model
     raise SamtuneError(
         f"--checkpoint {folder}: neither a peft adapter folder (adapter_config.json) nor a whole-model folder "
         "(config.json + model.safetensors); pass a folder written by `samtune train`, e.g. runs/demo/checkpoints/best."

@@ -42,11 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="evaluate a checkpoint on the recipe's validation split",
         description="Rebuild the recipe's base model, load an adapter folder written by `samtune train` and "
-        "report per-class IoU/Dice on the validation split with box prompts from the ground truth.",
+        "report per-class IoU/Dice on the validation split: prompted (box or point prompts from the ground truth) and, "
+        "for task automatic/both, semantic (full label maps, every pixel; NIfTI: per-case 3D Dice/HD95/NSD and "
+        "per_case.csv). eval.save_predictions=true also writes the label maps.",
     )
     _add_recipe_args(p)
     p.add_argument("--checkpoint", type=Path, required=True, help="adapter folder, e.g. runs/demo/checkpoints/best")
     p.add_argument("--out", type=Path, default=None, help="metrics JSON to write (default: OUTPUT/eval/metrics.json)")
+
+    p = sub.add_parser(
+        "predict",
+        help="apply a checkpoint to new scans/images: label NIfTI on the scan's grid, class-index PNG + overlay",
+        description="Predict label maps of new inputs with no labels. Automatic mode (every class, no input) when the "
+        "checkpoint has it; with --prompts, boxes/points per class from a JSON file (a prompt on one slice of a volume is "
+        "propagated through it). Volumes (.nii/.nii.gz, any orientation, NIfTI-1/2; 4D: data.channel) -> OUT/<name>.nii.gz "
+        "with exactly the scan's shape, affine and sform/qform, and OUT/<name>.json (class names, voxels, mL). Images "
+        "(PNG/JPEG/TIFF) -> OUT/<name>.png (class values at the original size; Cityscapes: labelIds) and "
+        "OUT/<name>_overlay.png. The recipe is read from the checkpoint.",
+        epilog='Prompts file: {"coordinates": "voxel" | "RAS" | "LPS" | "pixel", "prompts": [{"class": "liver", '
+        '"box": [[i0, j0, k], [i1, j1, k]]}, {"class": "spleen", "points": [[i, j, k]], "labels": [1], "input": "case_01"}]} '
+        "(volumes: voxel indices of the file or world mm; images: pixel [x0, y0, x1, y1] and [x, y]).",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run folder written by `samtune train`")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, folders or (quoted) globs")
+    p.add_argument("--out", type=Path, required=True, help="folder for the predictions")
+    p.add_argument("--prompts", type=Path, default=None, help="JSON of boxes/points per class (see below); default: automatic mode")
+    p.add_argument("--recipe", type=Path, default=None, help="recipe to use instead of CHECKPOINT/recipe.yaml")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides, e.g. automatic.threshold=0.6 eval.batch_size=4 data.channel=1")
 
     p = sub.add_parser(
         "validate",
@@ -114,6 +137,16 @@ def _run(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe or args.checkpoint / "recipe.yaml")
         for path in api.export_checkpoint(recipe, args.checkpoint, args.format, args.out):
             print(path)
+        return 0
+
+    if args.command == "predict":
+        from samtune.finetune import api
+        from samtune.finetune.predict import predict
+
+        folder = api.checkpoint_folder(args.checkpoint)
+        recipe = load_recipe(args.recipe or folder / "recipe.yaml", args.overrides)
+        loaded = api.load_model(folder, recipe, device=args.device)
+        predict(loaded, args.input, args.out, args.prompts)
         return 0
 
     recipe = load_recipe(args.recipe, args.overrides)

@@ -19,7 +19,8 @@ from samtune.datasets.augment import build_augmentation
 from samtune.datasets.checks import log_skipped
 from samtune.datasets.formats import DemoKeys, get_format
 from samtune.datasets.prompted import InputTransform, PromptedDataset
-from samtune.datasets.source import DataSplit, SliceSource
+from samtune.datasets.semantic import SemanticDataset
+from samtune.datasets.source import DataSplit, LabelSpace, SliceSource
 from samtune.finetune.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataBundle:
-    """What training and evaluation read: the prompted datasets and the split they came from."""
+    """What training and evaluation read: the prompted datasets (``task`` promptable/both), the
+    semantic ones with their label space (automatic/both), and the split they came from."""
 
-    train: PromptedDataset | None  # None when only evaluating
-    val: PromptedDataset
+    train: PromptedDataset | None  # None when only evaluating or when the task has no prompts
+    val: PromptedDataset | None
     split: DataSplit
+    space: LabelSpace | None = None
+    train_semantic: SemanticDataset | None = None
+    val_semantic: SemanticDataset | None = None
 
     @property
     def skipped(self) -> list[dict]:
@@ -70,15 +75,31 @@ def open_split(recipe: Recipe, *, on_bad_case: str | None = None, progress: bool
     return split
 
 
+def eval_prompts(recipe: Recipe):
+    """The prompts of the evaluation protocol: the training settings with the box jitter of
+    ``eval.box_jitter_px`` (default 0: the tight ground-truth box) and no fractional jitter."""
+    return recipe.prompts.model_copy(update={"box_jitter_px": recipe.eval.box_jitter_px, "box_jitter_frac": 0.0})
+
+
 def make_prompted(source: SliceSource, recipe: Recipe, transform: InputTransform, training: bool) -> PromptedDataset:
     """A source wrapped as the recipe's prompted dataset (training: augmentation, per_image objects)."""
-    common = dict(transform=transform, prompts=recipe.prompts, min_pixels=recipe.data.min_pixels, seed=recipe.seed, classes=recipe.data.classes)
+    common = dict(transform=transform, min_pixels=recipe.data.min_pixels, seed=recipe.seed, classes=recipe.data.classes)
     if not training:
-        return PromptedDataset(source, training=False, max_samples=recipe.eval.max_samples, **common)
+        return PromptedDataset(source, prompts=eval_prompts(recipe), training=False, max_samples=recipe.eval.max_samples, **common)
     return PromptedDataset(
-        source, training=True, per_image=recipe.prompts.per_image,
+        source, prompts=recipe.prompts, training=True, per_image=recipe.prompts.per_image,
         augment=build_augmentation([step.model_dump() for step in recipe.augment]), **common,
     )  # fmt: skip
+
+
+def label_space(split: DataSplit, recipe: Recipe) -> LabelSpace:
+    """The automatic model's classes: the dataset's (or ``data.classes``), by id."""
+    names = split.train.class_names
+    wanted = set(recipe.data.classes) if recipe.data.classes else None
+    ids = sorted(i for i, n in names.items() if wanted is None or n in wanted)
+    if not ids:
+        raise SamtuneError(f"data.root={recipe.data.root!r}: no classes to predict (class names: {names}).")
+    return split.train.label_space(ids)
 
 
 def build_datasets(recipe: Recipe, transform: InputTransform, *, progress: bool = True, training: bool = True) -> DataBundle:
@@ -92,11 +113,19 @@ def build_datasets(recipe: Recipe, transform: InputTransform, *, progress: bool 
         unknown = [c for c in data.classes if c not in known]
         if unknown:
             raise SamtuneError(f"data.classes: {unknown} not in the dataset's classes {sorted(known)}.")
-    train = make_prompted(split.train, recipe, transform, training=True) if training else None
-    val = make_prompted(split.val, recipe, transform, training=False)
-    if (train is not None and len(train) == 0) or len(val) == 0:
-        raise SamtuneError(
-            f"data.root={data.root!r}: no objects of at least data.min_pixels={data.min_pixels} px in the "
-            f"{'validation' if len(val) == 0 else 'training'} split; lower data.min_pixels or check the labels."
-        )
-    return DataBundle(train, val, split)
+    bundle = DataBundle(None, None, split)
+    if recipe.task != "automatic":
+        bundle.train = make_prompted(split.train, recipe, transform, training=True) if training else None
+        bundle.val = make_prompted(split.val, recipe, transform, training=False)
+        if (bundle.train is not None and len(bundle.train) == 0) or len(bundle.val) == 0:
+            raise SamtuneError(
+                f"data.root={data.root!r}: no objects of at least data.min_pixels={data.min_pixels} px in the "
+                f"{'validation' if len(bundle.val) == 0 else 'training'} split; lower data.min_pixels or check the labels."
+            )
+    bundle.space = label_space(split, recipe)  # saved with every checkpoint (class names for predict)
+    if recipe.task != "promptable":
+        if training:
+            augment = build_augmentation([step.model_dump() for step in recipe.augment])
+            bundle.train_semantic = SemanticDataset(split.train, transform, bundle.space, training=True, augment=augment)
+        bundle.val_semantic = SemanticDataset(split.val.every_slice(), transform, bundle.space, training=False)
+    return bundle

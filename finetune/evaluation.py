@@ -1,9 +1,13 @@
-"""Evaluation with prompts from the ground truth: per-class IoU/Dice at the original resolution,
-after the initial prompt and after every corrective round.
+"""Evaluation as the recipe prescribes it, the same call in training and ``samtune evaluate``:
 
-The protocol comes from the recipe, so training and ``samtune evaluate`` give the same numbers:
-the first prompt is the box when ``prompts.box_probability >= 0.5``, else the points; jitter is
-seeded by the sample index; corrective clicks by ``seed``.
+- ``prompted``: prompts from the ground truth, per-class IoU/Dice at the original resolution after
+  the initial prompt and after every corrective round. The first prompt is the box when
+  ``prompts.box_probability >= 0.5``, else the points; the box is tight unless
+  ``eval.box_jitter_px`` (jitter seeded by the sample index); corrective clicks seeded by ``seed``.
+- ``semantic`` (task automatic/both): full label maps from the class prompts on every validation
+  pixel (``samtune.finetune.automatic``).
+
+Each part carries its ``protocol`` in metrics.json; ``headline`` names the part ``miou`` comes from.
 """
 
 from __future__ import annotations
@@ -19,6 +23,41 @@ from samtune.finetune.interaction import run_rounds, total_rounds
 from samtune.finetune.metrics import ClassIoUAccumulator
 from samtune.finetune.recipe import Recipe
 from samtune.finetune.volume_metrics import VolumeMetricAccumulator
+
+
+EMPTY_MASK_RULE = (
+    "IoU/Dice from TP/FP/FN summed over the split per class; a class with no ground truth and no "
+    "prediction in the split is absent (NaN, left out of the mean); per case (3D): empty ground truth and "
+    "empty prediction -> absent (NaN), empty ground truth with a prediction -> Dice 0 and HD95 undefined, "
+    "ground truth with an empty prediction -> Dice 0, NSD 0, HD95 undefined (undefined HD95 counted)"
+)
+
+
+def prompted_protocol(recipe: Recipe) -> dict:
+    p = recipe.prompts
+    box = uses_box(recipe)
+    return {
+        "prompts": "from the ground truth of each object",
+        "objects": f"every {'connected component of each class' if p.per == 'component' else 'class'} present in a validation "
+                   f"image with >= data.min_pixels={recipe.data.min_pixels} px; images without it are not prompted",
+        "first_prompt": "box" if box else "points",
+        "box_jitter_px": recipe.eval.box_jitter_px if box else None,
+        "points": None if box else {"positive": p.positive_points, "negative": p.negative_points, "placement": p.point_placement},
+        "corrective_rounds": p.corrective_rounds,
+        "mask_only_rounds": p.mask_only_rounds,
+        "resolution": "original image resolution (logits resized back from the model input)",
+        "empty_mask_rule": EMPTY_MASK_RULE,
+    }  # fmt: skip
+
+
+def semantic_protocol(recipe: Recipe) -> dict:
+    return {
+        "prompts": "none: the learnt class prompts of the checkpoint",
+        "fusion": f"per pixel the class of highest probability, background where none reaches {recipe.automatic.threshold}",
+        "pixels": "every pixel of every validation image (every slice of every case for volumes); ignored/void (255) excluded",
+        "resolution": "original image resolution (logits resized back from the model input)",
+        "empty_mask_rule": EMPTY_MASK_RULE,
+    }
 
 
 def uses_box(recipe: Recipe) -> bool:
@@ -54,8 +93,30 @@ def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recip
     metrics = results[-1]
     metrics["prompt"] = "box" if use_box else "points"
     metrics["rounds"] = rounds
+    metrics["protocol"] = prompted_protocol(recipe)
     if volumes is not None:
         metrics["volume"] = volumes.result()
     if rounds > 1:
         metrics["by_round"] = [{"round": r, "miou": m["miou"], "mdice": m["mdice"]} for r, m in enumerate(results)]
     return metrics
+
+
+def evaluate_all(model, family: ModelFamily, data, recipe: Recipe, device: torch.device, desc: str = "eval", predictions=None) -> dict:
+    """``{"prompted": ..., "semantic": ..., "headline": name, "miou", "mdice"}`` for the parts the
+    recipe's task has (``data``: a ``DataBundle``); ``predictions``: folder for semantic label maps."""
+    from samtune.finetune.automatic import evaluate_semantic
+
+    out = {}
+    if data.val is not None:
+        out["prompted"] = evaluate(model, family, data.val, recipe, device, desc)
+    if data.val_semantic is not None:
+        semantic = evaluate_semantic(
+            model, family, data.val_semantic, recipe.automatic.threshold, device, recipe.eval.batch_size,
+            f"{desc} (automatic)", predictions,
+        )  # fmt: skip
+        semantic["protocol"] = semantic_protocol(recipe)
+        out["semantic"] = semantic
+    out["headline"] = "semantic" if "semantic" in out else "prompted"
+    out["miou"] = out[out["headline"]]["miou"]
+    out["mdice"] = out[out["headline"]]["mdice"]
+    return out

@@ -1,8 +1,10 @@
-"""Mask loss: weighted Dice + focal on the prompted object's logits (MONAI's DiceFocalLoss)."""
+"""Losses: weighted Dice + focal on a prompted object's logits (MONAI's DiceFocalLoss), and the
+automatic mode's per-class Dice + focal over whole label maps."""
 
 from __future__ import annotations
 
-from monai.losses import DiceFocalLoss
+import torch
+from monai.losses import DiceFocalLoss, FocalLoss
 
 
 def make_mask_loss(dice_weight: float, focal_weight: float) -> DiceFocalLoss:
@@ -10,3 +12,34 @@ def make_mask_loss(dice_weight: float, focal_weight: float) -> DiceFocalLoss:
     per mask and broadcast over the pixels, so the spatial mean of the result is each mask's
     Dice + mean focal loss; the caller picks the best of SAM's multimask outputs with it."""
     return DiceFocalLoss(sigmoid=True, lambda_dice=dice_weight, lambda_focal=focal_weight, gamma=2.0, reduction="none")
+
+
+class AutomaticLoss(torch.nn.Module):
+    """The automatic path's loss: per class, Dice over the whole batch + mean sigmoid focal loss,
+    over the pixels that count (class index 255 = ignored label or padding), weighted per class.
+
+    Dice over the batch (nnU-Net's "batch Dice") rather than per image: a class absent from one
+    image then has no Dice of its own, so an image without the class is not scored by a ratio of
+    two near-zero sums; its false positives are still paid through the focal term and the batch's
+    Dice. Written by hand because MONAI's DiceFocalLoss has no per-pixel mask.
+    """
+
+    def __init__(self, dice_weight: float, focal_weight: float, class_weights: torch.Tensor | None = None, smooth: float = 1.0):
+        super().__init__()
+        self.dice_weight, self.focal_weight, self.smooth = dice_weight, focal_weight, smooth
+        self.focal = FocalLoss(gamma=2.0, use_softmax=False, reduction="none")
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(0), persistent=False)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``logits`` B×K×S×S (float32), ``labels`` B×S×S class indexes (K background, 255 ignored)."""
+        k = logits.shape[1]
+        valid = (labels != 255).unsqueeze(1).float()  # B×1×S×S
+        target = (labels.unsqueeze(1) == torch.arange(k, device=labels.device).view(1, k, 1, 1)).float()
+        pixels = valid.sum().clamp(min=1.0)
+        focal = (self.focal(logits, target) * valid).sum((0, 2, 3)) / pixels  # K
+        probs = torch.sigmoid(logits) * valid
+        inter = (probs * target).sum((0, 2, 3))
+        dice = 1 - (2 * inter + self.smooth) / (probs.sum((0, 2, 3)) + target.sum((0, 2, 3)) + self.smooth)
+        per_class = self.dice_weight * dice + self.focal_weight * focal
+        weights = self.class_weights if self.class_weights.numel() else torch.ones_like(per_class)
+        return (per_class * weights).sum() / weights.sum().clamp(min=1e-12)

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from samtune import SamtuneError
-from samtune.constants import LORA_PRESETS, LORA_ROLES, TRAIN_MODES
+from samtune.constants import LORA_PRESETS, LORA_ROLES, TASKS, TRAIN_MODES
 from samtune.datasets.formats import DataSectionBase, all_formats, kinds_with_key
 from samtune.schema import Section as _Section
 from samtune.suggest import closest, did_you_mean
@@ -124,9 +124,26 @@ class LossSection(_Section):
     iou_weight: float = Field(1.0, ge=0, description="weight of the MSE between the IoU head's prediction and the actual IoU (SAM paper: 1)")
 
 
+class AutomaticSection(_Section):
+    ratio: float = Field(0.5, ge=0, le=1, description="`task: both`: fraction of training steps that train the automatic path (the others train prompts), drawn per step with the recipe's seed")
+    tokens: int = Field(2, ge=1, le=16, description="learnt prompt tokens per class (the class prompt the decoder reads instead of a box's two corner tokens)")
+    threshold: float = Field(0.5, gt=0, lt=1, description="fusion into one label map: each pixel takes the class of highest probability, or background when no class reaches this probability")
+    class_weights: Optional[dict[str, float]] = Field(None, description="weight of each class in the automatic loss, by class name (default 1 each), e.g. `{kidney_left: 2.0}`")
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive(cls, value):
+        bad = {k: v for k, v in (value or {}).items() if not v >= 0}
+        if bad:
+            raise ValueError(f"class weights must be >= 0, got {bad}")
+        return value
+
+
 class EvalSection(_Section):
-    batch_size: int = Field(16, ge=1, description="prompted samples per evaluation batch")
-    max_samples: Optional[int] = Field(None, ge=1, description="evaluate on at most N validation samples (a fixed, seeded subset)")
+    batch_size: int = Field(16, ge=1, description="prompted samples (or images, semantic) per evaluation batch")
+    max_samples: Optional[int] = Field(None, ge=1, description="evaluate on at most N validation samples (a fixed, seeded subset; prompted evaluation only, per-case 3D metrics then need the semantic path)")
+    box_jitter_px: float = Field(0.0, ge=0, description="prompted evaluation: box edges moved outward by uniform 0..N px (input px, seeded per sample); 0 = the tight box of the ground truth")
+    save_predictions: bool = Field(False, description="semantic evaluation: write each validation image's label map into `<out>/predictions/` (Cityscapes: `*_gtFine_labelIds.png` at the original resolution, named like the ground truth; NIfTI: one label volume per case)")
 
 
 class OutputSection(_Section):
@@ -135,12 +152,14 @@ class OutputSection(_Section):
 
 class Recipe(_Section):
     seed: int = Field(0, description="seed for data order, prompt jitter and the train/val split")
+    task: Literal[TASKS] = Field("promptable", description="`promptable`: boxes/clicks from the user; `automatic`: every class of an image with no input (one learnt prompt per class, fused into a label map); `both`: one checkpoint that does both (steps mixed by `automatic.ratio`)")
     data: DataSection
     model: ModelSection = Field(default_factory=ModelSection)
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     train: TrainSection = Field(default_factory=TrainSection)
     prompts: PromptsSection = Field(default_factory=PromptsSection)
     augment: list[AugmentStep] = Field(default_factory=list, description="training augmentation: albumentations transforms by class name with their arguments, applied to image and label together before prompts are sampled, e.g. `[{name: HorizontalFlip, p: 0.5}, {name: Affine, rotate: [-10, 10], p: 0.5}]`")
+    automatic: AutomaticSection = Field(default_factory=AutomaticSection)
     loss: LossSection = Field(default_factory=LossSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)

@@ -54,6 +54,12 @@ class VolumeMetricAccumulator:
         slices = self.predictions[case][class_id]
         slices[z] = slices[z] | pred if z in slices else pred.copy()
 
+    def _prediction(self, case: str, class_id: int, shape: tuple[int, ...]) -> np.ndarray:
+        pred = np.zeros(shape, bool)
+        for z, mask in self.predictions[case][class_id].items():
+            pred[z] = mask
+        return pred
+
     def result(self) -> dict:
         cases = sorted({self.source.slice_position(i)[0] for i in range(len(self.source))})
         rows: dict[str, list[dict]] = defaultdict(list)
@@ -61,9 +67,7 @@ class VolumeMetricAccumulator:
             label, spacing = self.source.case_volume(case)
             label = np.asarray(label)
             for class_id, name in self.class_names.items():
-                pred = np.zeros(label.shape, bool)
-                for z, mask in self.predictions[case][class_id].items():
-                    pred[z] = mask
+                pred = self._prediction(case, class_id, label.shape)
                 rows[name].append({"case": case, **case_scores(pred, label == class_id, spacing, self.tolerance_mm)})
         per_class = {}
         for name, scores in rows.items():
@@ -90,3 +94,30 @@ class VolumeMetricAccumulator:
             "nsd_tolerance_mm": self.tolerance_mm,
             "accumulation": "per case (3D, slice predictions stacked), then mean over cases; classes absent from a case are excluded",
         }
+
+
+class SemanticVolumeAccumulator(VolumeMetricAccumulator):
+    """Whole predicted label volumes (automatic mode): every slice of every case gets a label map,
+    so a class predicted on a slice without it counts as a false alarm in that case's 3D scores."""
+
+    def __init__(self, source, class_names: dict[int, str], tolerance_mm: float = 2.0):
+        super().__init__(source, class_names, tolerance_mm)
+        self.volumes: dict[str, np.ndarray] = {}
+
+    def add_label(self, index: int, label: np.ndarray) -> None:
+        """``label``: H×W predicted source ids of slice ``index``."""
+        case, z = self.source.slice_position(index)
+        if case not in self.volumes:
+            depth = self.source.case_volume(case)[0].shape[0]
+            self.volumes[case] = np.zeros((depth, *label.shape), np.uint8)
+        self.volumes[case][z] = label
+
+    def _prediction(self, case: str, class_id: int, shape: tuple[int, ...]) -> np.ndarray:
+        volume = self.volumes.get(case)
+        return volume == class_id if volume is not None else np.zeros(shape, bool)
+
+
+def per_case_rows(volume: dict) -> list[dict]:
+    """The per-case table of a ``result()`` (one row per case and class), e.g. for per_case.csv."""
+    return [{"case": s["case"], "class": name, "dice": s["dice"], "hd95_mm": s["hd95_mm"], "nsd": s["nsd"]}
+            for name, c in volume["per_class"].items() for s in c["per_case"]]  # fmt: skip

@@ -34,3 +34,8 @@ LORA_PRESETS: dict[str, tuple[str, ...]] = {
     "encoder_qkv+decoder_attention": ("encoder_attention", "decoder_attention"),
 }
 TRAIN_MODES = ("lora", "decoder_only", "full")
+
+# What a model is trained for (recipe key `task`): prompts from the user (boxes, clicks), every
+# class of an image with no input (learnt class prompts, samtune.adapters.family.ClassPrompts), or
+# both in one checkpoint (the two mixed per step).
+TASKS = ("promptable", "automatic", "both")

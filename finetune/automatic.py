@@ -1,0 +1,110 @@
+"""The automatic mode: every class of an image predicted with no user input, from the learnt class
+prompts (``samtune.adapters.family.ClassPrompts``), fused into one label map.
+
+Fusion: each pixel takes the class with the highest probability, or background when no class
+reaches ``automatic.threshold`` (per-class sigmoid masks, as SAM predicts them, so classes do not
+compete during training and the threshold is one readable number).
+
+Semantic evaluation runs this on every validation pixel: one confusion matrix over the split
+(Cityscapes-style per-class IoU, void/255 excluded) and, for volumes, the whole predicted label
+volume of each case (every slice) scored in 3D.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from samtune import SamtuneError
+from samtune.adapters.family import CLASS_PROMPTS, ModelFamily
+from samtune.datasets import semantic as SEM
+from samtune.datasets.semantic import SemanticDataset, collate_semantic
+from samtune.datasets.source import LabelSpace
+from samtune.finetune.semantic_metrics import ConfusionAccumulator
+from samtune.finetune.volume_metrics import SemanticVolumeAccumulator
+
+
+def has_class_prompts(model) -> bool:
+    return hasattr(model, CLASS_PROMPTS)
+
+
+def class_logits(model, family: ModelFamily, pixel_values: torch.Tensor, embeddings=None) -> torch.Tensor:
+    """B×3×S×S images -> B×K×S×S logits (float32) in the padded input frame."""
+    if not has_class_prompts(model):
+        raise SamtuneError("this model has no class prompts: it was not trained with task: automatic or both.")
+    if embeddings is None:
+        embeddings = family.encode_images(model, pixel_values)
+    low_res = family.decode_classes(model, embeddings, getattr(model, CLASS_PROMPTS)())
+    return family.upscale_logits(low_res.float(), pixel_values.shape[-1])
+
+
+def fuse(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """K×H×W logits -> H×W class indexes, K where no class reaches the probability ``threshold``."""
+    best, index = logits.max(0)
+    return torch.where(best >= math.log(threshold / (1 - threshold)), index, torch.full_like(index, logits.shape[0]))
+
+
+def predict_index_maps(model, family: ModelFamily, batch_images: torch.Tensor, metas: list[dict], threshold: float) -> list[np.ndarray]:
+    """One H×W class-index map (uint8, K = background) per image, at its original resolution."""
+    logits = class_logits(model, family, batch_images)
+    maps = []
+    for i, meta in enumerate(metas):
+        original = family.logits_to_original(logits[i], meta["resized_size"], meta["original_size"])
+        if original.dim() == 2:  # one class
+            original = original[None]
+        maps.append(fuse(original, threshold).to(torch.uint8).cpu().numpy())
+    return maps
+
+
+@torch.no_grad()
+def evaluate_semantic(
+    model, family: ModelFamily, dataset: SemanticDataset, threshold: float, device: torch.device, batch_size: int,
+    desc: str = "eval (automatic)", predictions: Path | None = None,
+) -> dict:
+    """Label maps of every image of ``dataset`` against its labels; ``predictions``: a folder to
+    write each 2D label map into (file ids, e.g. Cityscapes labelIds, named by the source)."""
+    was_training = model.training
+    model.eval()
+    space: LabelSpace = dataset.space
+    source = dataset.source
+    class_names = dict(zip(space.ids, space.names))
+    confusion = ConfusionAccumulator(class_names, source.ignore_index)
+    volumes = SemanticVolumeAccumulator(source, class_names) if source.volumetric else None
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_semantic)
+    for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        metas = batch[SEM.META]
+        for meta, index_map in zip(metas, predict_index_maps(model, family, batch[SEM.IMAGE].to(device), metas, threshold)):
+            pred = space.to_source_ids(index_map)
+            confusion.add(pred, meta["label"])
+            if volumes is not None:
+                volumes.add_label(meta["index"], pred.astype(np.uint8))
+            elif predictions is not None:
+                write_label_png(space.to_file_ids(index_map), predictions / source.prediction_name(meta["index"]))
+    model.train(was_training)
+    metrics = confusion.result()
+    metrics.pop("confusion", None)
+    if volumes is not None:
+        metrics["volume"] = volumes.result()
+        metrics["label_volumes"] = volumes.volumes  # not JSON: the caller writes or drops them
+    return metrics
+
+
+def write_label_png(values: np.ndarray, path: Path) -> Path:
+    """An 8-bit single-channel PNG of label values (written atomically)."""
+    import cv2
+
+    from samtune.files import write_atomic
+
+    if values.max(initial=0) > 255:
+        raise SamtuneError(f"{path}: label values above 255 do not fit an 8-bit PNG.")
+    ok, encoded = cv2.imencode(".png", values.astype(np.uint8))
+    if not ok:
+        raise SamtuneError(f"{path}: PNG encoding failed.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, encoded.tobytes())
+    return path

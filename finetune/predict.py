@@ -1,0 +1,398 @@
+"""``samtune predict``: a trained checkpoint applied to new scans and images, no labels needed.
+
+- Automatic (default when the checkpoint has class prompts): every class of every slice/image,
+  fused into one label map (``samtune.finetune.automatic``).
+- Prompted (``--prompts FILE``): boxes and/or points per class from a JSON file (format in the
+  README, ``load_prompts``); on a volume the prompt is given on one slice and propagated slice by
+  slice in both directions (the next box is the previous mask's box plus a margin) until the mask
+  vanishes.
+
+Outputs, per input: a volume -> ``<name>.nii.gz`` on exactly the scan's grid (shape, affine,
+sform/qform and codes from its header; ``samtune.datasets.nifti_geometry``) and ``<name>.json``
+(class names, voxels and mL per class); an image -> ``<name>.png`` (class values at the original
+resolution; Cityscapes labelIds) and ``<name>_overlay.png``. Volumes are read and predicted one at
+a time, slices in batches of ``eval.batch_size``, so memory stays bounded by one scan.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from samtune import SamtuneError
+from samtune.datasets.formats import open_images
+from samtune.datasets.semantic import SemanticDataset, collate_semantic
+from samtune.datasets.source import LabelSpace, SliceSource
+from samtune.files import write_json_atomic
+from samtune.finetune.automatic import has_class_prompts, predict_index_maps, write_label_png
+from samtune.finetune.checkpoints import read_classes
+
+log = logging.getLogger(__name__)
+
+COORDINATES = ("pixel", "voxel", "RAS", "LPS")
+_MARGIN = 0.1  # propagation: the previous mask's box grown by 10% of its size on each side (at least 2 px)
+
+
+@dataclass
+class Prompt:
+    """One prompt of the prompts file, as given (coordinates not yet mapped)."""
+
+    class_name: str
+    box: list | None = None
+    points: list | None = None
+    labels: list | None = None
+    input: str | None = None  # the input it applies to (file name or stem); None: every input
+    where: str = ""  # "prompts.json: prompts[2]" for messages
+
+
+@dataclass
+class PromptSet:
+    coordinates: str | None
+    prompts: list[Prompt] = field(default_factory=list)
+
+    def for_input(self, name: str) -> list[Prompt]:
+        return [p for p in self.prompts if p.input is None or p.input == name or _strip(p.input) == name]
+
+
+def _strip(name: str) -> str:
+    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_prompts(path: str | Path, class_names: list[str]) -> PromptSet:
+    """Read and check a prompts JSON: ``{"coordinates": "pixel|voxel|RAS|LPS", "prompts": [{"class":
+    "liver", "box": ..., "points": [...], "labels": [1, 0], "input": "case_001"}]}``."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise SamtuneError(f"--prompts {path}: cannot read it ({exc.strerror or exc}).") from None
+    except ValueError as exc:
+        raise SamtuneError(f"--prompts {path}: not valid JSON ({exc}).") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("prompts"), list):
+        raise SamtuneError(f'--prompts {path}: expected {{"coordinates": ..., "prompts": [{{"class": ..., "box": ...}}, ...]}}.')
+    unknown = set(raw) - {"coordinates", "prompts"}
+    if unknown:
+        raise SamtuneError(f"--prompts {path}: unknown keys {sorted(unknown)} (keys: coordinates, prompts).")
+    coordinates = raw.get("coordinates")
+    if coordinates is not None and coordinates not in COORDINATES:
+        raise SamtuneError(f"--prompts {path}: coordinates={coordinates!r}; use one of {', '.join(COORDINATES)}.")
+    out = PromptSet(coordinates)
+    for k, item in enumerate(raw["prompts"]):
+        where = f"--prompts {path}: prompts[{k}]"
+        if not isinstance(item, dict):
+            raise SamtuneError(f"{where}: expected an object with class and box and/or points.")
+        extra = set(item) - {"class", "box", "points", "labels", "input"}
+        if extra:
+            raise SamtuneError(f"{where}: unknown keys {sorted(extra)} (keys: class, box, points, labels, input).")
+        name = item.get("class")
+        if name not in class_names:
+            from samtune.suggest import did_you_mean
+
+            raise SamtuneError(f"{where}: class {name!r} is not a class of this checkpoint; {did_you_mean(str(name), class_names)}(classes: {', '.join(class_names)}).")
+        box, points, labels = item.get("box"), item.get("points"), item.get("labels")
+        if box is None and points is None:
+            raise SamtuneError(f"{where}: give a box and/or points.")
+        try:
+            if box is not None:
+                box = np.asarray(box, float)
+                if box.shape not in ((4,), (2, 3)):
+                    raise ValueError("box must be [x0, y0, x1, y1] (pixel) or two opposite corners [[.,.,.], [.,.,.]] (voxel/RAS/LPS)")
+            if points is not None:
+                points = np.asarray(points, float)
+                if points.ndim != 2 or points.shape[1] not in (2, 3) or len(points) == 0:
+                    raise ValueError("points must be a list of [x, y] (pixel) or [., ., .] (voxel/RAS/LPS)")
+                labels = np.ones(len(points), int) if labels is None else np.asarray(labels, int)
+                if labels.shape != (len(points),) or not set(labels.tolist()) <= {0, 1}:
+                    raise ValueError("labels must hold one 1 (inside) or 0 (outside) per point")
+        except (ValueError, TypeError) as exc:
+            raise SamtuneError(f"{where}: {exc}.") from None
+        out.prompts.append(Prompt(name, box, points, labels, item.get("input"), where))
+    return out
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Paths as given; a pattern that is not a path itself is expanded as a glob (quoted globs)."""
+    out = []
+    for item in inputs:
+        if not Path(item).exists() and any(c in item for c in "*?["):
+            found = sorted(glob.glob(item))
+            if not found:
+                raise SamtuneError(f"--input {item}: the pattern matches no file.")
+            out += found
+        else:
+            out.append(item)
+    return out
+
+
+class Predictor:
+    """A loaded checkpoint that predicts label maps of one source at a time."""
+
+    def __init__(self, loaded, batch_size: int, threshold: float):
+        self.loaded = loaded
+        self.model, self.family, self.device = loaded.model, loaded.family, loaded.device
+        self.transform = loaded.transform()
+        self.batch_size = batch_size
+        self.threshold = threshold
+        classes = read_classes(loaded.checkpoint)
+        self.automatic = has_class_prompts(self.model)
+        if classes is None:
+            raise SamtuneError(f"--checkpoint {loaded.checkpoint}: classes.json is missing (written by `samtune train` since automatic mode); retrain or evaluate it instead.")
+        self.space = LabelSpace.from_dict(classes["label_space"])
+
+    # --- automatic ---
+    @torch.no_grad()
+    def automatic_maps(self, source: SliceSource, desc: str):
+        """(index, H×W class-index map) for every image of ``source``, in batches."""
+        dataset = SemanticDataset(source, self.transform, self.space, training=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_semantic)
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+            maps = predict_index_maps(self.model, self.family, batch["image"].to(self.device), batch["meta"], self.threshold)
+            yield from zip((m["index"] for m in batch["meta"]), maps)
+
+    # --- prompted ---
+    @torch.no_grad()
+    def prompted_mask(self, image: np.ndarray, box: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None) -> np.ndarray:
+        """H×W bool mask of one image from a box (x0, y0, x1, y1) and/or points (x, y), original px."""
+        original = image.shape[:2]
+        out = self.transform(image=image, mask=np.zeros(original, np.uint8))
+        pixels = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())[None].to(self.device)
+        resized = self.transform.resized_shape(original)
+        scale = np.array([resized[1] / original[1], resized[0] / original[0]])
+        embeddings = self.family.encode_images(self.model, pixels)
+        boxes = torch.tensor((box.reshape(2, 2) * scale).reshape(1, 4), dtype=torch.float32, device=self.device) if box is not None else None
+        pts = lbl = None
+        if points is not None:
+            pts = torch.tensor(points * scale, dtype=torch.float32, device=self.device)[None]
+            lbl = torch.tensor(labels, dtype=torch.long, device=self.device)[None]
+        multimask = box is None and points is not None and len(points) == 1
+        low_res, iou = self.family.decode_prompts(self.model, embeddings, boxes, pts, lbl, multimask_output=multimask)
+        logits = self.family.upscale_logits(low_res.float(), self.transform.image_size)[0]
+        best = int(iou[0].argmax()) if multimask else 0
+        return (self.family.logits_to_original(logits[best : best + 1], resized, original) > 0).cpu().numpy()
+
+
+def _bbox(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    mx, my = max(2.0, _MARGIN * (x1 - x0)), max(2.0, _MARGIN * (y1 - y0))
+    h, w = mask.shape
+    return np.array([max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)], float)
+
+
+def _check_pixel(prompt: Prompt, shape: tuple[int, int], name: str) -> None:
+    h, w = shape
+    coords = [prompt.box.reshape(2, 2)] if prompt.box is not None else []
+    coords += [prompt.points] if prompt.points is not None else []
+    for xy in coords:
+        if xy.shape[-1] != 2:
+            raise SamtuneError(f"{prompt.where}: coordinates \"pixel\" take 2 numbers per point (x, y) on {name}.")
+        if (xy[:, 0] < 0).any() or (xy[:, 0] > w).any() or (xy[:, 1] < 0).any() or (xy[:, 1] > h).any():
+            raise SamtuneError(f"{prompt.where}: {xy.tolist()} lies outside {name} ({w}×{h} px: x 0..{w}, y 0..{h}).")
+
+
+def predict(
+    loaded, inputs: list[str], out: str | Path, prompts_file: str | Path | None = None, *, batch_size: int | None = None, quiet: bool = False,
+) -> list[dict]:
+    """Predict every input; returns one summary record per input (also printed)."""
+    recipe = loaded.recipe
+    predictor = Predictor(loaded, batch_size or recipe.eval.batch_size, recipe.automatic.threshold)
+    prompts = load_prompts(prompts_file, predictor.space.names) if prompts_file else None
+    if prompts is None and not predictor.automatic:
+        raise SamtuneError(
+            f"--checkpoint {loaded.checkpoint} was trained with task: promptable (no automatic mode): pass --prompts FILE "
+            "with a box or points per class, or train with task: both / automatic."
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = expand_inputs(inputs)
+    records = []
+    if recipe.data.kind == "nifti":
+        from samtune.datasets.checks import list_input_files
+        from samtune.datasets.nifti import NIFTI_SUFFIXES
+
+        for path in list_input_files(inputs, NIFTI_SUFFIXES):
+            source = open_images(recipe.data, [path])
+            if len(source) == 0:  # another channel file of an nnU-Net case
+                continue
+            records.append(_predict_volume(predictor, source, path, out, prompts))
+    else:
+        source = open_images(recipe.data, inputs)
+        for index in range(len(source)):
+            records.append(_predict_image(predictor, source, index, out, prompts))
+    if not quiet:
+        for r in records:
+            print(r["summary"])
+        print(f"{len(records)} input{'s' if len(records) != 1 else ''} predicted; files in {out}")
+    return records
+
+
+def _predict_image(predictor: Predictor, source: SliceSource, index: int, out: Path, prompts: PromptSet | None) -> dict:
+    space = predictor.space
+    name = source.item_id(index)
+    image, _ = source.load(index)
+    if prompts is None:
+        index_map = next(predictor.automatic_maps(_One(source, index), name))[1]
+        values = space.to_file_ids(index_map)
+    else:
+        values = np.full(image.shape[:2], space.file_background, np.int64)
+        for p in prompts.for_input(name):
+            if (prompts.coordinates or "pixel") != "pixel":
+                raise SamtuneError(f"{p.where}: images take coordinates \"pixel\", not {prompts.coordinates!r}.")
+            _check_pixel(p, image.shape[:2], str(source.files[index]) if hasattr(source, "files") else name)
+            mask = predictor.prompted_mask(image, p.box, p.points, p.labels)
+            values[mask] = space.file_values()[space.names.index(p.class_name)]
+    path = write_label_png(values, out / f"{name}.png")
+    write_overlay(image, values, space, out / f"{name}_overlay.png")
+    found = {n: int((values == v).sum()) for n, v in zip(space.names, space.file_values()) if (values == v).any()}
+    summary = f"{name}: " + (", ".join(f"{n} {c:,} px" for n, c in found.items()) or "no class found") + f" -> {path}"
+    return {"input": name, "output": str(path), "pixels": found, "summary": summary}
+
+
+class _One(SliceSource):
+    """One image of a source, as a source (the automatic path runs on sources)."""
+
+    def __init__(self, source: SliceSource, index: int):
+        self.source, self.index = source, index
+        self.class_names, self.ignore_index, self.skipped = source.class_names, source.ignore_index, []
+
+    def __len__(self) -> int:
+        return 1
+
+    def item_id(self, index: int) -> str:
+        return self.source.item_id(self.index)
+
+    def load(self, index: int):
+        return self.source.load(self.index)
+
+
+def _predict_volume(predictor: Predictor, source, path: Path, out: Path, prompts: PromptSet | None) -> dict:
+    import nibabel as nib
+
+    from samtune.datasets.nifti_geometry import display_to_file_order, write_label_like
+
+    space = predictor.space
+    case = source.cases[0]
+    name = case.name
+    depth, height, width = case.image.shape
+    label = np.full((depth, height, width), space.background_id, np.uint8)  # source ids, display layout
+    if prompts is None:
+        for index, index_map in predictor.automatic_maps(source, name):
+            label[source.slice_position(index)[1]] = space.to_source_ids(index_map)
+    else:
+        for p in prompts.for_input(name):
+            z, box, points = _display_prompt(p, prompts.coordinates or "voxel", path, case.meta)
+            _propagate(predictor, source, label, z, box, points, p.labels, space.ids[space.names.index(p.class_name)])
+    file_label = display_to_file_order(label, path, case.meta)
+    values = space.to_file_ids(np.searchsorted(np.asarray([*space.ids, space.background_id]), file_label)) if _needs_mapping(space) else file_label
+    target = out / f"{name}.nii.gz"
+    write_label_like(values, path, target)
+    zooms = nib.load(str(path)).header.get_zooms()[:3]
+    ml_per_voxel = float(np.prod(zooms)) / 1000.0
+    counts = np.bincount(values.ravel().astype(np.int64), minlength=256)
+    found = {n: int(counts[v]) for n, v in zip(space.names, space.file_values()) if v < len(counts) and counts[v]}
+    sidecar = {
+        "input": str(path), "output": str(target), "checkpoint": str(predictor.loaded.checkpoint),
+        "mode": "prompted" if prompts is not None else "automatic",
+        "classes": {str(v): n for n, v in zip(space.names, space.file_values())}, "background": space.file_background,
+        "voxels": found, "ml": {n: round(c * ml_per_voxel, 3) for n, c in found.items()},
+    }  # fmt: skip
+    write_json_atomic(out / f"{name}.json", sidecar)
+    parts = ", ".join(f"{n} {c:,} voxels ({c * ml_per_voxel:.1f} mL)" for n, c in found.items()) or "no class found"
+    return {"input": str(path), "output": str(target), "voxels": found, "summary": f"{name}: {parts} -> {target}"}
+
+
+def _needs_mapping(space: LabelSpace) -> bool:
+    return space.file_values() != space.ids or space.file_background != space.background_id
+
+
+def _display_prompt(p: Prompt, coordinates: str, path: Path, meta: dict):
+    """A volume prompt -> (display slice z, box xyxy or None, points N×2 or None) in slice px."""
+    from samtune.datasets.nifti_geometry import voxel_to_display, world_to_display
+
+    if coordinates == "pixel":
+        raise SamtuneError(f"{p.where}: volumes take coordinates \"voxel\" (i, j, k of the file), \"RAS\" or \"LPS\" (mm), not \"pixel\".")
+
+    def to_display(xyz) -> np.ndarray:
+        xyz = np.asarray(xyz, float)
+        if xyz.shape != (3,):
+            raise SamtuneError(f"{p.where}: coordinates {coordinates!r} take 3 numbers per point, got {xyz.tolist()}.")
+        if coordinates == "voxel":
+            return np.asarray(voxel_to_display(xyz, path, meta))
+        return np.asarray(world_to_display(xyz, coordinates, path, meta))
+
+    corners = [to_display(c) for c in p.box] if p.box is not None else []
+    if p.box is not None and len(p.box) != 2:
+        raise SamtuneError(f"{p.where}: a volume box is two opposite corners [[., ., .], [., ., .]].")
+    points = [to_display(c) for c in p.points] if p.points is not None else []
+    allz = [c[0] for c in corners + points]
+    z = int(round(allz[0]))
+    if max(abs(v - z) for v in allz) > 0.5 + 1e-6:
+        raise SamtuneError(f"{p.where}: the box corners and points lie on different axial slices ({sorted(set(int(round(v)) for v in allz))}); give a prompt on one slice, it is propagated through the volume.")
+    box = None
+    if corners:
+        rows, cols = [c[1] for c in corners], [c[2] for c in corners]
+        box = np.array([min(cols), min(rows), max(cols) + 1, max(rows) + 1], float)  # voxel centres -> pixel edges
+    pts = np.array([[c[2] + 0.5, c[1] + 0.5] for c in points], float) if points else None
+    return z, box, pts
+
+
+def _propagate(predictor: Predictor, source, label: np.ndarray, z0: int, box, points, labels, value: int) -> None:
+    """Predict the prompted slice, then follow the object slice by slice both ways while it lasts."""
+    image0, _ = source.load(z0)
+    first = predictor.prompted_mask(image0, box, points, labels)
+    label[z0][first] = value
+    for step in (1, -1):
+        previous, z = first, z0 + step
+        while 0 <= z < len(label) and previous.any():
+            image, _ = source.load(z)
+            mask = predictor.prompted_mask(image, _bbox(previous), None, None)
+            label[z][mask] = value
+            previous, z = mask, z + step
+
+
+# a fixed palette: class k gets colour k (tab10-like, then repeated)
+_PALETTE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200),
+    (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
+], np.float32)  # fmt: skip
+
+
+def write_overlay(image: np.ndarray, values: np.ndarray, space: LabelSpace, path: Path) -> Path:
+    """The image with each class's pixels tinted in its palette colour (50%)."""
+    import cv2
+
+    from samtune.files import write_atomic
+
+    rgb = np.repeat(image[..., None], 3, 2) if image.ndim == 2 else image[..., :3]
+    rgb = rgb.astype(np.float32)
+    for k, v in enumerate(space.file_values()):
+        mask = values == v
+        rgb[mask] = 0.5 * rgb[mask] + 0.5 * _PALETTE[k % len(_PALETTE)]
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb.round().astype(np.uint8), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise SamtuneError(f"{path}: PNG encoding failed.")
+    return write_atomic(path, encoded.tobytes())
+
+
+def write_label_volumes(volumes: dict[str, np.ndarray], source, space: LabelSpace, folder: Path) -> list[Path]:
+    """Semantic evaluation's predicted label volumes (display layout, source ids) as NIfTI files on
+    each validation case's own grid (``eval.save_predictions``)."""
+    from samtune.datasets.nifti_geometry import display_to_file_order, write_label_like
+
+    written = []
+    for case in source.cases:
+        if case.name in volumes:
+            scan = Path(case.meta["image_file"])
+            written.append(write_label_like(display_to_file_order(volumes[case.name], scan, case.meta), scan, folder / f"{case.name}.nii.gz"))
+    return written
