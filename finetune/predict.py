@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,14 +52,22 @@ class Prompt:
     input: str | None = None  # the input it applies to (file name or stem); None: every input
     where: str = ""  # "prompts.json: prompts[2]" for messages
 
+    def applies_to(self, name: str, file: Path | None = None) -> bool:
+        """Whether this prompt is for the input named ``name`` (output name) read from ``file``:
+        every input when no input is given; else the name, the file name or the file's stem."""
+        if self.input is None:
+            return True
+        given = {self.input, _strip(self.input)}
+        return name in given or (file is not None and bool({file.name, _strip(file.name)} & given))
+
 
 @dataclass
 class PromptSet:
     coordinates: str | None
     prompts: list[Prompt] = field(default_factory=list)
 
-    def for_input(self, name: str) -> list[Prompt]:
-        return [p for p in self.prompts if p.input is None or p.input == name or _strip(p.input) == name]
+    def for_input(self, name: str, file: Path | None = None) -> list[Prompt]:
+        return [p for p in self.prompts if p.applies_to(name, file)]
 
 
 def _strip(name: str) -> str:
@@ -86,6 +95,8 @@ def load_prompts(path: str | Path, class_names: list[str]) -> PromptSet:
     coordinates = raw.get("coordinates")
     if coordinates is not None and coordinates not in COORDINATES:
         raise SamtuneError(f"--prompts {path}: coordinates={coordinates!r}; use one of {', '.join(COORDINATES)}.")
+    if not raw["prompts"]:
+        raise SamtuneError(f"--prompts {path}: the prompts list is empty; give at least one box or points per class to segment.")
     out = PromptSet(coordinates)
     for k, item in enumerate(raw["prompts"]):
         where = f"--prompts {path}: prompts[{k}]"
@@ -102,6 +113,10 @@ def load_prompts(path: str | Path, class_names: list[str]) -> PromptSet:
         box, points, labels = item.get("box"), item.get("points"), item.get("labels")
         if box is None and points is None:
             raise SamtuneError(f"{where}: give a box and/or points.")
+        if labels is not None and points is None:
+            raise SamtuneError(f"{where}: labels without points; labels give one 1 (inside) or 0 (outside) per point.")
+        if item.get("input") is not None and not isinstance(item["input"], str):
+            raise SamtuneError(f"{where}: input={item['input']!r}; give the input's file name or name as a string.")
         try:
             if box is not None:
                 box = np.asarray(box, float)
@@ -114,6 +129,8 @@ def load_prompts(path: str | Path, class_names: list[str]) -> PromptSet:
                 labels = np.ones(len(points), int) if labels is None else np.asarray(labels, int)
                 if labels.shape != (len(points),) or not set(labels.tolist()) <= {0, 1}:
                     raise ValueError("labels must hold one 1 (inside) or 0 (outside) per point")
+            if any(v is not None and not np.isfinite(v).all() for v in (box, points)):
+                raise ValueError("coordinates must be finite numbers")
         except (ValueError, TypeError) as exc:
             raise SamtuneError(f"{where}: {exc}.") from None
         out.prompts.append(Prompt(name, box, points, labels, item.get("input"), where))
@@ -162,7 +179,8 @@ class Predictor:
     # --- prompted ---
     @torch.no_grad()
     def prompted_mask(self, image: np.ndarray, box: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None) -> np.ndarray:
-        """H×W bool mask of one image from a box (x0, y0, x1, y1) and/or points (x, y), original px."""
+        """H×W bool mask of one image from a box (x0, y0, x1, y1: pixel edges, x1 one past the last
+        column, as training's boxes) and/or points (x, y: pixel indices, column and row), original px."""
         original = image.shape[:2]
         out = self.transform(image=image, mask=np.zeros(original, np.uint8))
         pixels = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())[None].to(self.device)
@@ -172,7 +190,8 @@ class Predictor:
         boxes = torch.tensor((box.reshape(2, 2) * scale).reshape(1, 4), dtype=torch.float32, device=self.device) if box is not None else None
         pts = lbl = None
         if points is not None:
-            pts = torch.tensor(points * scale, dtype=torch.float32, device=self.device)[None]
+            # pixel indices, as training samples them in the resized frame: the centre (c + 0.5) scales
+            pts = torch.tensor((points + 0.5) * scale - 0.5, dtype=torch.float32, device=self.device)[None]
             lbl = torch.tensor(labels, dtype=torch.long, device=self.device)[None]
         multimask = box is None and points is not None and len(points) == 1
         low_res, iou = self.family.decode_prompts(self.model, embeddings, boxes, pts, lbl, multimask_output=multimask)
@@ -190,14 +209,22 @@ def _bbox(mask: np.ndarray) -> np.ndarray:
 
 
 def _check_pixel(prompt: Prompt, shape: tuple[int, int], name: str) -> None:
+    """A prompt on an image: a box [x0, y0, x1, y1] within 0..w, 0..h (pixel edges) with x0 < x1 and
+    y0 < y1; points [x, y] on a pixel (indices -0.5..w-0.5, -0.5..h-0.5)."""
     h, w = shape
-    coords = [prompt.box.reshape(2, 2)] if prompt.box is not None else []
-    coords += [prompt.points] if prompt.points is not None else []
-    for xy in coords:
-        if xy.shape[-1] != 2:
-            raise SamtuneError(f"{prompt.where}: coordinates \"pixel\" take 2 numbers per point (x, y) on {name}.")
-        if (xy[:, 0] < 0).any() or (xy[:, 0] > w).any() or (xy[:, 1] < 0).any() or (xy[:, 1] > h).any():
-            raise SamtuneError(f"{prompt.where}: {xy.tolist()} lies outside {name} ({w}×{h} px: x 0..{w}, y 0..{h}).")
+    box, points = prompt.box, prompt.points
+    if box is not None:
+        if box.shape != (4,):
+            raise SamtuneError(f"{prompt.where}: a box on an image (coordinates \"pixel\") is [x0, y0, x1, y1], not {box.tolist()} ({name}).")
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise SamtuneError(f"{prompt.where}: box {box.tolist()} is empty or inverted; give [x0, y0, x1, y1] with x0 < x1 and y0 < y1.")
+        if box.min() < 0 or box[0::2].max() > w or box[1::2].max() > h:
+            raise SamtuneError(f"{prompt.where}: box {box.tolist()} lies outside {name} ({w}×{h} px: x 0..{w}, y 0..{h}).")
+    if points is not None:
+        if points.shape[1] != 2:
+            raise SamtuneError(f"{prompt.where}: coordinates \"pixel\" take 2 numbers per point (x, y) on {name}, not {points.tolist()}.")
+        if (points < -0.5).any() or (points[:, 0] > w - 0.5).any() or (points[:, 1] > h - 0.5).any():
+            raise SamtuneError(f"{prompt.where}: points {points.tolist()} lie outside {name} ({w}×{h} px: x 0..{w - 1}, y 0..{h - 1}).")
 
 
 def predict(
@@ -213,20 +240,32 @@ def predict(
             "with a box or points per class, or train with task: both / automatic."
         )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     inputs = expand_inputs(inputs)
+    section = recipe.data
+    if "class_names" in type(section).model_fields:
+        # the classes are the checkpoint's: the training data (data.root, its dataset.json and channels) is not read
+        section = section.model_copy(update={"class_names": dict(zip(predictor.space.ids, predictor.space.names))})
+    # every input and its output name first: nothing is written before the whole run is known to be consistent
+    if recipe.data.kind == "nifti":
+        planned, suffixes = _plan_volumes(inputs, recipe.data.channel), (".nii.gz", ".json")
+    else:
+        source = open_images(section, inputs)
+        files = getattr(source, "files", None)
+        planned = [(Path(files[i]) if files is not None else None, source.item_id(i)) for i in range(len(source))]
+        suffixes = (".png", "_overlay.png")
+    _check_outputs(planned, out, suffixes)
+    if prompts is not None:
+        _check_prompt_inputs(prompts, planned)
+    out.mkdir(parents=True, exist_ok=True)
     records = []
     if recipe.data.kind == "nifti":
-        from samtune.datasets.checks import list_input_files
-        from samtune.datasets.nifti import NIFTI_SUFFIXES
-
-        for path in list_input_files(inputs, NIFTI_SUFFIXES):
-            source = open_images(recipe.data, [path])
-            if len(source) == 0:  # another channel file of an nnU-Net case
+        for path, name in planned:
+            source = open_images(section, [path])  # one scan in memory at a time
+            if len(source) == 0:  # another channel file of an nnU-Net case (planned already skips them)
                 continue
             records.append(_predict_volume(predictor, source, path, out, prompts))
+            del source
     else:
-        source = open_images(recipe.data, inputs)
         for index in range(len(source)):
             records.append(_predict_image(predictor, source, index, out, prompts))
     if not quiet:
@@ -236,25 +275,83 @@ def predict(
     return records
 
 
+def _plan_volumes(inputs: list[str], channel: int) -> list[tuple[Path, str]]:
+    """(file, case name) of every scan to predict, as ``open_nifti_images`` names them: nnU-Net
+    channel files ``{case}_{XXXX}`` give the case name, and only ``data.channel``'s file is read."""
+    from samtune.datasets.checks import list_input_files
+    from samtune.datasets.nifti import NIFTI_SUFFIXES, _strip_suffix
+    from samtune.datasets.nifti_geometry import _load
+
+    planned, other_channels = [], []
+    for path in list_input_files(inputs, NIFTI_SUFFIXES):
+        stem = _strip_suffix(path.name)
+        m = re.fullmatch(r"(.+)_(\d{4})", stem)
+        if m and int(m.group(2)) != channel:
+            other_channels.append(path)
+            continue
+        _load(path)  # the header only: an unreadable file or a 2D image stops the run before anything is written
+        planned.append((path, m.group(1) if m else stem))
+    if other_channels:
+        log.info("data.channel=%d: %d channel files of other channels left out (%s)", channel, len(other_channels), ", ".join(p.name for p in other_channels[:5]))
+    if not planned:
+        raise SamtuneError(
+            f"--input {' '.join(inputs)}: no scan to predict: {', '.join(p.name for p in other_channels[:5])} are nnU-Net channel "
+            f"files of other channels than data.channel={channel} (files ending _{channel:04d}); set data.channel=N to use another."
+        )
+    return planned
+
+
+def _check_outputs(planned: list[tuple[Path | None, str]], out: Path, suffixes: tuple[str, ...]) -> None:
+    """No two inputs write the same output file, and no output overwrites an input."""
+    inputs = {p.resolve(): p for p, _ in planned if p is not None}
+    written: dict[Path, Path | str] = {}
+    for path, name in planned:
+        for suffix in suffixes:
+            target = out / f"{name}{suffix}"
+            key = target.resolve()
+            if key in inputs:
+                raise SamtuneError(f"--out {out}: the prediction {target} would overwrite the input {inputs[key]}; choose another --out folder.")
+            if key in written:
+                raise SamtuneError(
+                    f"--input: {written[key]} and {path or name} would both be predicted into {target}; give the inputs "
+                    "different names, or predict them into separate --out folders."
+                )
+            written[key] = path or name
+
+
+def _check_prompt_inputs(prompts: PromptSet, planned: list[tuple[Path | None, str]]) -> None:
+    """A prompt naming an input names one of the inputs (a misspelt name would be silently unused)."""
+    from samtune.suggest import did_you_mean
+
+    names = [name for _, name in planned]
+    for p in prompts.prompts:
+        if p.input is not None and not any(p.applies_to(name, path) for path, name in planned):
+            listed = ", ".join(names[:10]) + (f", ... ({len(names)} inputs)" if len(names) > 10 else "")
+            raise SamtuneError(f"{p.where}: input {p.input!r} is not one of the inputs; {did_you_mean(p.input, names)}(inputs: {listed}).")
+
+
 def _predict_image(predictor: Predictor, source: SliceSource, index: int, out: Path, prompts: PromptSet | None) -> dict:
     space = predictor.space
     name = source.item_id(index)
+    file = Path(source.files[index]) if hasattr(source, "files") else None
     image, _ = source.load(index)
+    given = prompts.for_input(name, file) if prompts is not None else []
     if prompts is None:
         index_map = next(predictor.automatic_maps(_One(source, index), name))[1]
         values = space.to_file_ids(index_map)
     else:
         values = np.full(image.shape[:2], space.file_background, np.int64)
-        for p in prompts.for_input(name):
+        for p in given:
             if (prompts.coordinates or "pixel") != "pixel":
                 raise SamtuneError(f"{p.where}: images take coordinates \"pixel\", not {prompts.coordinates!r}.")
-            _check_pixel(p, image.shape[:2], str(source.files[index]) if hasattr(source, "files") else name)
+            _check_pixel(p, image.shape[:2], str(file or name))
             mask = predictor.prompted_mask(image, p.box, p.points, p.labels)
             values[mask] = space.file_values()[space.names.index(p.class_name)]
     path = write_label_png(values, out / f"{name}.png")
     write_overlay(image, values, space, out / f"{name}_overlay.png")
     found = {n: int((values == v).sum()) for n, v in zip(space.names, space.file_values()) if (values == v).any()}
-    summary = f"{name}: " + (", ".join(f"{n} {c:,} px" for n, c in found.items()) or "no class found") + f" -> {path}"
+    parts = ", ".join(f"{n} {c:,} px" for n, c in found.items()) or ("no prompt for this input" if prompts is not None and not given else "no class found")
+    summary = f"{name}: {parts} -> {path}"
     return {"input": name, "output": str(path), "pixels": found, "summary": summary}
 
 
@@ -285,19 +382,21 @@ def _predict_volume(predictor: Predictor, source, path: Path, out: Path, prompts
     name = case.name
     depth, height, width = case.image.shape
     label = np.full((depth, height, width), space.background_id, np.uint8)  # source ids, display layout
+    given = []
     if prompts is None:
         for index, index_map in predictor.automatic_maps(source, name):
             label[source.slice_position(index)[1]] = space.to_source_ids(index_map)
     else:
-        for p in prompts.for_input(name):
-            z, box, points = _display_prompt(p, prompts.coordinates or "voxel", path, case.meta)
+        # every prompt mapped (and checked) before any slice is predicted
+        given = [(p, _display_prompt(p, prompts.coordinates or "voxel", path, case.meta)) for p in prompts.for_input(name, Path(path))]
+        for p, (z, box, points) in given:
             _propagate(predictor, source, label, z, box, points, p.labels, space.ids[space.names.index(p.class_name)])
     file_label = display_to_file_order(label, path, case.meta)
-    values = space.to_file_ids(np.searchsorted(np.asarray([*space.ids, space.background_id]), file_label)) if _needs_mapping(space) else file_label
+    values = _source_to_file_lut(space)[file_label] if _needs_mapping(space) else file_label
     target = out / f"{name}.nii.gz"
     write_label_like(values, path, target)
-    zooms = nib.load(str(path)).header.get_zooms()[:3]
-    ml_per_voxel = float(np.prod(zooms)) / 1000.0
+    # the voxel volume of the grid the label is written on (the affine viewers use; pixdim may be stale)
+    ml_per_voxel = abs(float(np.linalg.det(nib.load(str(path)).affine[:3, :3]))) / 1000.0
     counts = np.bincount(values.ravel().astype(np.int64), minlength=256)
     found = {n: int(counts[v]) for n, v in zip(space.names, space.file_values()) if v < len(counts) and counts[v]}
     sidecar = {
@@ -307,12 +406,20 @@ def _predict_volume(predictor: Predictor, source, path: Path, out: Path, prompts
         "voxels": found, "ml": {n: round(c * ml_per_voxel, 3) for n, c in found.items()},
     }  # fmt: skip
     write_json_atomic(out / f"{name}.json", sidecar)
-    parts = ", ".join(f"{n} {c:,} voxels ({c * ml_per_voxel:.1f} mL)" for n, c in found.items()) or "no class found"
+    parts = ", ".join(f"{n} {c:,} voxels ({c * ml_per_voxel:.1f} mL)" for n, c in found.items()) or (
+        "no prompt for this input" if prompts is not None and not given else "no class found")
     return {"input": str(path), "output": str(target), "voxels": found, "summary": f"{name}: {parts} -> {target}"}
 
 
 def _needs_mapping(space: LabelSpace) -> bool:
     return space.file_values() != space.ids or space.file_background != space.background_id
+
+
+def _source_to_file_lut(space: LabelSpace) -> np.ndarray:
+    """256 entries: source id (a class id or the background id) -> the value the file holds."""
+    lut = np.full(256, space.file_background, np.int64)
+    lut[space.ids] = space.file_values()
+    return lut
 
 
 def _display_prompt(p: Prompt, coordinates: str, path: Path, meta: dict):
@@ -327,12 +434,16 @@ def _display_prompt(p: Prompt, coordinates: str, path: Path, meta: dict):
         if xyz.shape != (3,):
             raise SamtuneError(f"{p.where}: coordinates {coordinates!r} take 3 numbers per point, got {xyz.tolist()}.")
         if coordinates == "voxel":
-            return np.asarray(voxel_to_display(xyz, path, meta))
-        return np.asarray(world_to_display(xyz, coordinates, path, meta))
+            zrc = np.asarray(voxel_to_display(xyz, path, meta))
+        else:
+            zrc = np.asarray(world_to_display(xyz, coordinates, path, meta))
+        # the same voxel given in mm (RAS/LPS) lands within rounding error of its index: snap it,
+        # so voxel, RAS and LPS prompts for the same place give the same box
+        return np.where(np.abs(zrc - np.round(zrc)) < 1e-6, np.round(zrc), zrc)
 
+    if p.box is not None and p.box.shape != (2, 3):
+        raise SamtuneError(f"{p.where}: a volume box is two opposite corners [[., ., .], [., ., .]] (coordinates {coordinates!r}), not {p.box.tolist()}.")
     corners = [to_display(c) for c in p.box] if p.box is not None else []
-    if p.box is not None and len(p.box) != 2:
-        raise SamtuneError(f"{p.where}: a volume box is two opposite corners [[., ., .], [., ., .]].")
     points = [to_display(c) for c in p.points] if p.points is not None else []
     allz = [c[0] for c in corners + points]
     z = int(round(allz[0]))
@@ -342,7 +453,7 @@ def _display_prompt(p: Prompt, coordinates: str, path: Path, meta: dict):
     if corners:
         rows, cols = [c[1] for c in corners], [c[2] for c in corners]
         box = np.array([min(cols), min(rows), max(cols) + 1, max(rows) + 1], float)  # voxel centres -> pixel edges
-    pts = np.array([[c[2] + 0.5, c[1] + 0.5] for c in points], float) if points else None
+    pts = np.array([[c[2], c[1]] for c in points], float) if points else None  # (x, y) = (column, row) indices
     return z, box, pts
 
 

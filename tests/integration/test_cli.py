@@ -50,23 +50,30 @@ def test_train_writes_exactly_the_documented_files(ct_run):
     for ckpt in ("last", "best"):
         files = sorted(p.name for p in (run / "checkpoints" / ckpt).iterdir())
         # README.md: the model card peft writes with every adapter
-        assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "trainer_state.json"]
+        assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "classes.json", "recipe.yaml", "trainer_state.json"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]  # no temp leftovers
-    assert (run / "recipe.yaml").is_file()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.json", "per_case.csv", "recipe.yaml", "tensorboard"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["per_class"]) == {"liver", "spleen", "kidney_right", "kidney_left"}
-    for values in metrics["per_class"].values():
+    prompted = metrics["prompted"]  # task: promptable (default): no semantic part
+    assert "semantic" not in metrics and metrics["headline"] == "prompted" and metrics["miou"] == prompted["miou"]
+    assert set(prompted["per_class"]) == {"liver", "spleen", "kidney_right", "kidney_left"}
+    for values in prompted["per_class"].values():
         assert values["samples"] > 0  # every organ of the val case was scored
     assert math.isfinite(metrics["miou"]) and math.isfinite(metrics["mdice"])
-    assert metrics["step"] == STEPS and metrics["baseline"]["per_class"].keys() == metrics["per_class"].keys()
+    assert metrics["step"] == STEPS and metrics["baseline"]["prompted"]["per_class"].keys() == prompted["per_class"].keys()
+    assert prompted["protocol"]["first_prompt"] == "box" and prompted["protocol"]["box_jitter_px"] == 0.0
     assert metrics["parameters"]["trainable"] == metrics["parameters"]["encoder_lora"] + metrics["parameters"]["mask_decoder"]
-    volume = metrics["volume"]  # NIfTI: per-case 3D Dice / HD95 / NSD in mm
-    assert set(volume["per_class"]) == set(metrics["per_class"]) and volume["nsd_tolerance_mm"] == 2.0
+    volume = prompted["volume"]  # NIfTI: per-case 3D Dice / HD95 / NSD in mm
+    assert set(volume["per_class"]) == set(prompted["per_class"]) and volume["nsd_tolerance_mm"] == 2.0
     for values in volume["per_class"].values():
         assert values["cases"] >= 1 and len(values["per_case"]) == 1 and 0.0 <= values["dice"] <= 1.0
+    rows = (run / "per_case.csv").read_text().splitlines()
+    assert rows[0] == "case,class,dice,hd95_mm,nsd" and len(rows) == 1 + 4  # one val case, four organs
     state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["miou"] == pytest.approx(metrics["miou"])
+    classes = json.loads((run / "checkpoints" / "last" / "classes.json").read_text())
+    assert classes["task"] == "promptable" and classes["tokens"] == 0 and classes["label_space"]["names"] == ["liver", "spleen", "kidney_right", "kidney_left"]
 
 
 def test_unwritable_output_dir_stops_before_any_work(tmp_path, capsys):
@@ -111,8 +118,8 @@ def test_evaluate_reproduces_the_end_of_training(ct_run, tmp_path):
     trained = json.loads((run / "metrics.json").read_text())
     evaluated = json.loads(out.read_text())
     assert evaluated["miou"] == pytest.approx(trained["miou"], abs=1e-9)
-    for name, values in trained["per_class"].items():
-        assert evaluated["per_class"][name]["iou"] == pytest.approx(values["iou"], abs=1e-9)
+    for name, values in trained["prompted"]["per_class"].items():
+        assert evaluated["prompted"]["per_class"][name]["iou"] == pytest.approx(values["iou"], abs=1e-9)
 
 
 def test_evaluate_default_output_path(ct_run):
@@ -145,11 +152,11 @@ def test_train_on_cityscapes_tree(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {"kind": "cityscapes", "root": str(root), "min_pixels": 20}, tmp_path / "run")
     assert main(["-q", "train", str(recipe), "train.steps=6", "train.eval_every=6"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert "volume" not in metrics  # 2D data: no per-case 3D metrics
-    assert {"road", "sidewalk", "building", "sky", "car"} <= set(metrics["per_class"])
+    assert "volume" not in metrics["prompted"]  # 2D data: no per-case 3D metrics
+    assert {"road", "sidewalk", "building", "sky", "car"} <= set(metrics["prompted"]["per_class"])
     assert all(name in {"road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                         "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-                        "motorcycle", "bicycle"} for name in metrics["per_class"])  # fmt: skip
+                        "motorcycle", "bicycle"} for name in metrics["prompted"]["per_class"])  # fmt: skip
 
 
 def test_demo_data_command_writes_both_datasets(tmp_path):
@@ -261,7 +268,7 @@ def test_overrides_may_follow_options(ct_run, tmp_path):
     out = tmp_path / "e.json"
     args = ["-q", "evaluate", str(recipe), "--checkpoint", str(run / "checkpoints" / "last"), "--out", str(out), "eval.max_samples=5"]
     assert main(args) == 0
-    assert json.loads(out.read_text())["n_samples"] == 5
+    assert json.loads(out.read_text())["prompted"]["n_samples"] == 5
     with pytest.raises(SystemExit):
         main(["evaluate", str(recipe), "--checkpoint", str(run), "--no-such-option"])
 
@@ -274,9 +281,10 @@ def test_bf16_autocast_and_corrective_rounds_run(tmp_path):
                  "prompts.box_probability=0.5", "prompts.per_image=2", "eval.max_samples=8"]  # fmt: skip
     assert main(["-q", "train", str(recipe), *overrides]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["by_round"]] == [0, 1, 2] and metrics["rounds"] == 3
-    assert all(math.isfinite(r["miou"]) for r in metrics["by_round"])
+    prompted = metrics["prompted"]
+    assert [r["round"] for r in prompted["by_round"]] == [0, 1, 2] and prompted["rounds"] == 3
+    assert all(math.isfinite(r["miou"]) for r in prompted["by_round"])
     out = tmp_path / "eval.json"  # evaluate applies the same precision, prompts and rounds
     last = tmp_path / "run" / "checkpoints" / "last"
     assert main(["-q", "evaluate", str(recipe), *overrides, "--checkpoint", str(last), "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["by_round"] == metrics["by_round"]
+    assert json.loads(out.read_text())["prompted"]["by_round"] == prompted["by_round"]

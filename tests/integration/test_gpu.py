@@ -30,7 +30,7 @@ def test_tiny_training_on_cuda(tmp_path):
     assert main(["-q", "train", str(path)]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["device"].startswith("cuda") and math.isfinite(metrics["miou"])
-    assert len(metrics["by_round"]) == 3
+    assert len(metrics["prompted"]["by_round"]) == 3
 
 
 def test_gradient_checkpointing_saves_memory_on_vit_b():

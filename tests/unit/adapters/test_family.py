@@ -89,3 +89,35 @@ def test_adapter_folder_round_trip(family_model, tmp_path):
         c = family.decode_prompts(base, family.encode_images(base, pixels), boxes=box)[0]
     torch.testing.assert_close(a, b)
     assert (a - c).abs().max() > 1e-4  # the adapter changed the output, and the folder carried it
+
+
+def test_class_prompts_decode_every_class_and_train(family_model):
+    """Automatic mode: K learnt prompts on every image in one decoder call, gradients reach them."""
+    family, model = family_model
+    family.add_class_prompts(model, 3, 2, seed=0)
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    embeddings = family.encode_images(model, pixels)
+    tokens = model.class_prompts()
+    assert tokens.shape == (3, 2, family.prompt_dim(model))
+    low_res = family.decode_classes(model, embeddings, tokens)
+    assert low_res.shape[:2] == (2, 3)
+    # class k of image b is the prompt k alone: the same as decoding that prompt by itself
+    alone = family.decode_classes(model, ImageEmbeddings(embeddings.image_embeddings[1:]), tokens[2:])
+    torch.testing.assert_close(alone[0, 0], low_res[1, 2], atol=1e-5, rtol=1e-4)
+    low_res.square().mean().backward()
+    assert model.class_prompts.tokens.grad is not None and model.class_prompts.tokens.grad.abs().sum() > 0
+
+
+def test_class_prompts_are_saved_in_the_adapter_and_load_with_plain_peft(family_model, tmp_path):
+    family, model = family_model
+    family.add_class_prompts(model, 4, 2, seed=0)
+    peft_model = apply_lora(model, family, LoraSection())
+    with torch.no_grad():
+        peft_model.class_prompts.modules_to_save["default"].tokens.add_(1.0)  # "trained"
+    trained = peft_model.class_prompts().detach().clone()
+    assert any(p.requires_grad for n, p in peft_model.named_parameters() if "class_prompts" in n)
+    peft_model.save_pretrained(tmp_path)
+    base = build_model(tiny_variant(family.name), image_size=SIZE)
+    family.add_class_prompts(base, 4, 2, seed=5)  # another init: the folder's values must win
+    loaded = PeftModel.from_pretrained(base, str(tmp_path))
+    assert torch.equal(loaded.class_prompts(), trained)

@@ -96,3 +96,38 @@ def test_adapter_on_a_base_of_the_same_shapes_but_other_weights_is_refused(tmp_p
         load_checkpoint(tmp_path / "best", family_of("tiny"), _tiny, {**keys, "image_size": 128})
     assert "trained at model.image_size=64; the recipe runs it at 128" in caplog.text
     load_checkpoint(tmp_path / "best", family_of("tiny"), _tiny, keys)  # the same base: loads
+
+
+CLASSES = {"task": "both", "tokens": 2, "label_space": {"ids": [1, 2, 3], "names": ["a", "b", "c"], "background_id": 0, "file_ids": [1, 2, 3], "file_background": 0}}
+
+
+def test_automatic_checkpoints_keep_their_class_prompts(tmp_path):
+    """Adapter folders (peft modules_to_save) and whole-model folders (decoder_only) both bring
+    back the trained class prompts; classes.json tells the loader to add them to the base."""
+    from samtune.adapters.lora import prepare_trainable
+    from samtune.finetune.checkpoints import read_classes
+    from samtune.finetune.recipe import LoraSection
+
+    family = family_of("tiny")
+    for mode in ("lora", "decoder_only"):
+        base = _tiny()
+        family.add_class_prompts(base, 3, 2, seed=0)
+        model = prepare_trainable(base, family, mode, LoraSection())
+        tokens = model.class_prompts.modules_to_save["default"].tokens if mode == "lora" else model.class_prompts.tokens
+        assert tokens.requires_grad
+        with torch.no_grad():
+            tokens.add_(0.5)
+        save_checkpoint(model, tmp_path / mode, "", {"step": 1}, classes=CLASSES)
+        assert read_classes(tmp_path / mode) == CLASSES
+        loaded = load_checkpoint(tmp_path / mode, family, _tiny)
+        torch.testing.assert_close(loaded.class_prompts(), model.class_prompts())
+
+
+def test_promptable_checkpoint_gets_no_class_prompts_and_a_bad_classes_file_is_named(tmp_path):
+    from samtune.finetune.automatic import has_class_prompts
+
+    save_checkpoint(_adapter(), tmp_path / "p", "", {"step": 1}, classes={**CLASSES, "task": "promptable", "tokens": 0})
+    assert not has_class_prompts(load_checkpoint(tmp_path / "p", family_of("tiny"), _tiny))
+    (tmp_path / "p" / "classes.json").write_text("{not json")
+    with pytest.raises(SamtuneError, match="classes.json"):
+        load_checkpoint(tmp_path / "p", family_of("tiny"), _tiny)

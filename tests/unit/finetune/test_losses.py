@@ -18,3 +18,25 @@ def test_loss_is_per_mask_and_ranks_the_better_mask_lower():
     assert per_mask[0] < 0.01 and per_mask[1] > 0.5
     dice_only = make_mask_loss(1.0, 0.0)(logits, target).mean(dim=(2, 3))[0]
     assert dice_only[1] > 0.9  # 1 - Dice with no overlap (up to MONAI's smoothing)
+
+
+def test_automatic_loss_ignores_255_and_prefers_the_right_classes():
+    from samtune.finetune.losses import AutomaticLoss
+
+    labels = torch.full((1, 8, 8), 2, dtype=torch.uint8)  # K = 2 classes; 2 = background
+    labels[0, :4, :4] = 0
+    labels[0, 4:, 4:] = 1
+    labels[0, :, 7] = 255
+    target = torch.stack([(labels == k).float() for k in range(2)], 1)
+    good = (target * 2 - 1) * 8  # confident and right
+    bad = -good
+    loss = AutomaticLoss(1.0, 20.0)
+    assert loss(good, labels) < 0.05 < loss(bad, labels)
+    changed = good.clone()
+    changed[..., 7] = torch.randn(1, 2, 8)  # ignored column: anything goes
+    torch.testing.assert_close(loss(changed, labels), loss(good, labels))
+    # class weights: an error on class 1 only counts for less when class 1 weighs less
+    wrong_1 = good.clone()
+    wrong_1[:, 1] = -wrong_1[:, 1]
+    light = AutomaticLoss(1.0, 20.0, torch.tensor([1.0, 0.1]))
+    assert light(wrong_1, labels) < loss(wrong_1, labels)

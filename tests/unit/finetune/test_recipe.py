@@ -215,3 +215,13 @@ def test_recipe_table_has_a_row_for_every_leaf_key(tmp_path):
         assert meaning and meaning != "None", key
     assert "*required*" in rows["data.kind"] and "*required*" in rows["data.root"]
     assert "`500`" in rows["train.steps"]
+
+
+def test_task_and_automatic_keys(tmp_path):
+    recipe = load_recipe(_write(tmp_path, MINIMAL + "task: both\nautomatic:\n  ratio: 0.3\n  class_weights: {liver: 2}\n"))
+    assert recipe.task == "both" and recipe.automatic.ratio == 0.3 and recipe.automatic.class_weights == {"liver": 2.0}
+    assert load_recipe(_write(tmp_path, MINIMAL)).task == "promptable" and recipe.eval.box_jitter_px == 0.0
+    msg = _error(_write(tmp_path, MINIMAL + "task: semantic\n"))
+    assert "`task`" in msg and "automatic" in msg
+    msg = _error(_write(tmp_path, MINIMAL + "automatic:\n  threshold: 1.5\n  class_weights: {liver: -1}\n"))
+    assert "automatic.threshold" in msg and "automatic.class_weights" in msg

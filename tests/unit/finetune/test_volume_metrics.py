@@ -70,3 +70,35 @@ def test_slice_predictions_are_stacked_per_case():
     assert result["dice"] == 1.0 and result["hd95_mm"] == 0.0 and result["nsd"] == 1.0
     assert result["cases"] == 1  # case b has no organ and no prediction: excluded
     assert [c["case"] for c in result["per_case"]] == ["a", "b"]
+
+
+def test_semantic_volumes_count_a_false_alarm_on_a_slice_without_the_class():
+    from samtune.finetune.volume_metrics import SemanticVolumeAccumulator, per_case_rows
+
+    class Volume:
+        def __init__(self):
+            self.label = np.zeros((6, 20, 20), np.uint8)
+            self.label[1:4, 4:12, 4:12] = 1
+
+        def __len__(self):
+            return 6
+
+        def slice_position(self, index):
+            return "case", index
+
+        def case_volume(self, name):
+            return self.label, SPACING
+
+    source = Volume()
+    acc = SemanticVolumeAccumulator(source, {1: "organ", 2: "other"})
+    for z in range(6):
+        pred = source.label[z].copy()
+        if z == 5:
+            pred[0:2, 0:2] = 1  # a false alarm on a slice without the organ
+        acc.add_label(z, pred)
+    result = acc.result()
+    organ = result["per_class"]["organ"]
+    assert organ["dice"] == pytest.approx(2 * 192 / (196 + 192))
+    assert math.isnan(result["per_class"]["other"]["dice"])  # absent from the case and never predicted
+    rows = per_case_rows(result)
+    assert [(r["case"], r["class"]) for r in rows] == [("case", "organ"), ("case", "other")]
