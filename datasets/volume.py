@@ -89,7 +89,7 @@ def read_case(
     label_nii = _load(label_path, name) if label_path is not None else None
     image_shape = _squeeze_extra_axes(image_nii.shape)
     label_shape = _squeeze_extra_axes(label_nii.shape) if label_nii is not None else image_shape[:3]
-    if len(label_shape) != 3:
+    if label_nii is not None and len(label_shape) != 3:
         raise _label_dims(name, label_path, label_nii.shape, len(label_shape), len(image_shape))
     if len(image_shape) == 4:
         if not 0 <= channel < image_shape[3]:

@@ -4,13 +4,17 @@ automatic mode's per-class Dice + focal over whole label maps."""
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceFocalLoss, FocalLoss
+
+# MONAI is imported inside the functions: it takes seconds to import, and `samtune predict` and
+# `samtune evaluate` never build a loss.
 
 
-def make_mask_loss(dice_weight: float, focal_weight: float) -> DiceFocalLoss:
+def make_mask_loss(dice_weight: float, focal_weight: float):
     """N×M×H×W logits vs. N×M×H×W binary targets -> N×M×H×W (reduction "none"): Dice is computed
     per mask and broadcast over the pixels, so the spatial mean of the result is each mask's
     Dice + mean focal loss; the caller picks the best of SAM's multimask outputs with it."""
+    from monai.losses import DiceFocalLoss
+
     return DiceFocalLoss(sigmoid=True, lambda_dice=dice_weight, lambda_focal=focal_weight, gamma=2.0, reduction="none")
 
 
@@ -27,6 +31,8 @@ class AutomaticLoss(torch.nn.Module):
     def __init__(self, dice_weight: float, focal_weight: float, class_weights: torch.Tensor | None = None, smooth: float = 1.0):
         super().__init__()
         self.dice_weight, self.focal_weight, self.smooth = dice_weight, focal_weight, smooth
+        from monai.losses import FocalLoss
+
         self.focal = FocalLoss(gamma=2.0, use_softmax=False, reduction="none")
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(0), persistent=False)
 

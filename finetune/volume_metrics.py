@@ -19,7 +19,6 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
 from samtune.finetune.metrics import nan_mean
 
@@ -32,6 +31,8 @@ def case_scores(pred: np.ndarray, target: np.ndarray, spacing_mm: tuple[float, .
     dice = 2 * int(np.count_nonzero(pred & target)) / (p + t)
     if p == 0 or t == 0:
         return {"dice": dice, "hd95_mm": math.nan, "nsd": 0.0}
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice  # imported when used: monai takes seconds to import
+
     y_pred = torch.from_numpy(pred)[None, None].float()
     y = torch.from_numpy(target)[None, None].float()
     hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=list(spacing_mm))

@@ -1,0 +1,173 @@
+"""`samtune predict` end to end through the command line, on untrained checkpoints written by hand
+(the files and messages are the subject here; tests/unit/finetune/test_predict.py checks voxels)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from samtune.adapters.lora import prepare_trainable
+from samtune.datasets.source import LabelSpace
+from samtune.finetune import api  # noqa: F401  (imported at collection: its import of monai is not a test's time)
+from samtune.finetune.checkpoints import save_checkpoint
+from samtune.finetune.cli import main
+from samtune.finetune.recipe import dump_recipe, load_recipe
+from samtune.finetune.runtime import build_base_model, model_family
+
+CT_SPACE = LabelSpace([1, 2, 3, 4], ["liver", "spleen", "kidney_right", "kidney_left"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while this module runs: the tiny model's tensors gain nothing from a
+    second one, and with other processes on the cores two threads made these tests 3-6× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_run(folder: Path, data: dict, space: LabelSpace, *, task: str = "both", tokens: int = 2) -> Path:
+    """A run folder with one untrained checkpoint (checkpoints/best), as `samtune train` writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({
+        "seed": 0, "task": task, "data": data, "model": {"name": "tiny", "image_size": 64}, "output": {"dir": str(folder / "run")},
+    }))  # fmt: skip
+    recipe = load_recipe(folder / "recipe.yaml")
+    family, base = model_family(recipe), build_base_model(recipe)
+    if tokens:
+        family.add_class_prompts(base, len(space.ids), tokens)
+    model = prepare_trainable(base, family, "lora", recipe.adapter.lora)
+    classes = {"task": task, "tokens": tokens, "label_space": space.to_dict()}
+    save_checkpoint(model, folder / "run" / "checkpoints" / "best", dump_recipe(recipe), {"step": 0}, classes=classes)
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def ct_run(tmp_path_factory, phantom_template) -> Path:
+    return make_run(tmp_path_factory.mktemp("ct_run"), {"kind": "nifti", "root": str(phantom_template)}, CT_SPACE)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory, phantom_template) -> Path:
+    """A folder of two 3-slice phantom scans (LPS, oblique) and a stray text file."""
+    folder = tmp_path_factory.mktemp("scans")
+    for source in sorted((phantom_template / "imagesTr").glob("*.nii.gz"))[:2]:
+        nib.save(nib.load(source).slicer[:, :, 4:7], str(folder / source.name.replace("_0000", "")))
+    (folder / "notes.txt").write_text("not a scan")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def promptable_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("promptable")
+    return make_run(folder, {"kind": "folder2d", "root": str(folder / "data")}, LabelSpace([1, 2], ["blob", "bar"]), task="promptable", tokens=0)
+
+
+def test_predict_writes_exactly_the_documented_files(ct_run, scans, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(ct_run), "--input", str(scans), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["phantom_000.json", "phantom_000.nii.gz", "phantom_001.json", "phantom_001.nii.gz"]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3, lines
+    for line, name in zip(lines, ("phantom_000", "phantom_001")):
+        assert line.startswith(f"{name}: ") and line.endswith(f"-> {out / name}.nii.gz")
+        voxels = json.loads((out / f"{name}.json").read_text())["voxels"]
+        assert all(f"{n} {c:,} voxels" in line for n, c in voxels.items())
+    assert lines[2] == f"2 inputs predicted; files in {out}"
+    for name in ("phantom_000", "phantom_001"):
+        label, scan = nib.load(out / f"{name}.nii.gz"), nib.load(scans / f"{name}.nii.gz")
+        assert label.shape == scan.shape and np.array_equal(label.affine, scan.affine)
+
+
+def test_checkpoint_folder_glob_and_overrides(ct_run, scans, tmp_path, capsys):
+    """A checkpoint folder instead of the run folder, a quoted glob, and key=value overrides after the options."""
+    checkpoint = ct_run / "checkpoints" / "best"
+    out = tmp_path / "out"
+    argv = ["-q", "predict", "--checkpoint", str(checkpoint), "--input", str(scans / "*_001.nii.gz"), "--out", str(out), "automatic.threshold=0.999"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["phantom_001.json", "phantom_001.nii.gz"]
+    strict = json.loads((out / "phantom_001.json").read_text())["voxels"]
+    assert main(argv[:-1] + ["automatic.threshold=0.001"]) == 0
+    loose = json.loads((out / "phantom_001.json").read_text())["voxels"]
+    assert sum(strict.values()) < sum(loose.values())
+    assert len(capsys.readouterr().out.splitlines()) == 4
+
+
+def test_prompted_images(promptable_run, tmp_path, capsys):
+    inputs = tmp_path / "images"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a", (40, 60)), ("b", (50, 30))):
+        Image.fromarray(rng.integers(0, 255, size + (3,), np.uint8)).save(inputs / f"{name}.png")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"coordinates": "pixel", "prompts": [
+        {"class": "blob", "box": [5, 5, 25, 20], "input": "a"}, {"class": "bar", "points": [[10, 30]], "input": "b.png"},
+    ]}))  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(promptable_run), "--input", str(inputs), "--out", str(out), "--prompts", str(prompts)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
+    for name, size in (("a", (40, 60)), ("b", (50, 30))):
+        assert np.asarray(Image.open(out / f"{name}.png")).shape == size
+        assert np.asarray(Image.open(out / f"{name}_overlay.png")).shape == size + (3,)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["a", "b"] and lines[2].startswith("2 inputs predicted")
+
+
+def test_help_explains_prompts_and_coordinates(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--prompts", "--checkpoint", "--input", "--out", "voxel", "RAS", "LPS", "pixel", "data.channel", "automatic.threshold"):
+        assert word in text, word
+
+
+def _bad_inputs(tmp: Path) -> dict:
+    garbage = tmp / "garbage.nii.gz"
+    garbage.write_bytes(b"\x00\x01 definitely not a scan " * 20)
+    flat = tmp / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), str(flat))
+    bad_json = tmp / "bad.json"
+    bad_json.write_text('{"prompts": [')
+    unknown_class = tmp / "unknown.json"
+    unknown_class.write_text(json.dumps({"prompts": [{"class": "spleeen", "points": [[1, 1, 1]]}]}))
+    return {"garbage": garbage, "flat": flat, "bad_json": bad_json, "unknown_class": unknown_class}
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("garbage", r"garbage\.nii\.gz: not a readable NIfTI file"),
+        ("flat", r"flat\.nii\.gz: expected a 3D \(or 4D\) NIfTI scan"),
+        ("bad_json", r"--prompts .*bad\.json: not valid JSON"),
+        ("unknown_class", r"--prompts .*unknown\.json: prompts\[0\]: class 'spleeen' is not a class of this checkpoint; did you mean `spleen`\?"),
+        ("glob", r"--input .*nothing_\*\.nii\.gz: the pattern matches no file"),
+        ("promptable_without_prompts", r"--checkpoint .* was trained with task: promptable .*pass --prompts FILE"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(case, match, ct_run, promptable_run, scans, tmp_path, capsys):
+    bad = _bad_inputs(tmp_path)
+    checkpoint, inputs, extra = ct_run, [str(scans / "phantom_000.nii.gz")], []
+    if case in ("garbage", "flat"):
+        inputs = [str(scans / "phantom_000.nii.gz"), str(bad[case])]  # refused before the good scan is predicted
+    elif case == "glob":
+        inputs = [str(tmp_path / "nothing_*.nii.gz")]
+    elif case == "promptable_without_prompts":
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+        checkpoint, inputs = promptable_run, [str(tmp_path / "x.png")]
+    else:
+        extra = ["--prompts", str(bad[case])]
+    assert main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--input", *inputs, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = [line for line in err.splitlines() if line.startswith("samtune predict: error: ")]
+    assert len(message) == 1 and re.search(match, message[0]), err
+    assert not any((tmp_path / "out").glob("*.nii.gz"))
