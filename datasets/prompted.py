@@ -8,9 +8,8 @@ evaluation (before and after fine-tuning, and ``samtune evaluate``) sees the sam
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -19,6 +18,9 @@ from samtune.datasets import sample as S
 from samtune.datasets.checks import check_image_range
 from samtune.datasets.prompts import PromptOptions, sample_box, sample_points, split_objects
 from samtune.datasets.source import SliceSource
+
+if TYPE_CHECKING:  # albumentations takes a second to import; only training builds augmentations
+    import albumentations as A
 
 
 class InputTransform(Protocol):

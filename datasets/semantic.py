@@ -9,7 +9,8 @@ learn to predict nothing on them.
 
 from __future__ import annotations
 
-import albumentations as A
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import Dataset
 
@@ -17,6 +18,9 @@ from samtune.constants import IGNORE_INDEX
 from samtune.datasets.checks import check_image_range
 from samtune.datasets.prompted import InputTransform
 from samtune.datasets.source import LabelSpace, SliceSource
+
+if TYPE_CHECKING:  # albumentations takes a second to import; only training builds augmentations
+    import albumentations as A
 
 IMAGE = "image"
 LABELS = "labels"  # B×S×S uint8 class indexes (K background, 255 not counted)

@@ -33,14 +33,18 @@ def has_class_prompts(model) -> bool:
     return hasattr(model, CLASS_PROMPTS)
 
 
-def class_logits(model, family: ModelFamily, pixel_values: torch.Tensor, embeddings=None) -> torch.Tensor:
-    """B×3×S×S images -> B×K×S×S logits (float32) in the padded input frame."""
+def class_low_res(model, family: ModelFamily, pixel_values: torch.Tensor, embeddings=None) -> torch.Tensor:
+    """B×3×S×S images -> B×K×s×s low-res logits (float32), one mask per class."""
     if not has_class_prompts(model):
         raise SamtuneError("this model has no class prompts: it was not trained with task: automatic or both.")
     if embeddings is None:
         embeddings = family.encode_images(model, pixel_values)
-    low_res = family.decode_classes(model, embeddings, getattr(model, CLASS_PROMPTS)())
-    return family.upscale_logits(low_res.float(), pixel_values.shape[-1])
+    return family.decode_classes(model, embeddings, getattr(model, CLASS_PROMPTS)()).float()
+
+
+def class_logits(model, family: ModelFamily, pixel_values: torch.Tensor, embeddings=None) -> torch.Tensor:
+    """B×3×S×S images -> B×K×S×S logits (float32) in the padded input frame (training's loss)."""
+    return family.upscale_logits(class_low_res(model, family, pixel_values, embeddings), pixel_values.shape[-1])
 
 
 def fuse(logits: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -49,16 +53,31 @@ def fuse(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(best >= math.log(threshold / (1 - threshold)), index, torch.full_like(index, logits.shape[0]))
 
 
+def fuse_at_original(family: ModelFamily, low_res: torch.Tensor, image_size: int, meta: dict, threshold: float) -> torch.Tensor:
+    """K×s×s low-res logits of one image -> its H×W class-index map at the original resolution.
+
+    Class by class with a running maximum: the same numbers as resizing all K maps and calling
+    ``fuse``, without a K×H×W tensor (19×1024×2048 floats = 160 MB for a Cityscapes image).
+    """
+    best = index = None
+    for k in range(low_res.shape[0]):
+        up = family.upscale_logits(low_res[None, k : k + 1], image_size)[0]
+        logits = family.logits_to_original(up, meta["resized_size"], meta["original_size"])
+        if best is None:
+            best, index = logits, torch.zeros(logits.shape, dtype=torch.long, device=logits.device)
+        else:
+            better = logits > best  # ties keep the lower class index, as argmax does
+            best = torch.where(better, logits, best)
+            index = torch.where(better, torch.full_like(index, k), index)
+    background = torch.full_like(index, low_res.shape[0])
+    return torch.where(best >= math.log(threshold / (1 - threshold)), index, background)
+
+
 def predict_index_maps(model, family: ModelFamily, batch_images: torch.Tensor, metas: list[dict], threshold: float) -> list[np.ndarray]:
     """One H×W class-index map (uint8, K = background) per image, at its original resolution."""
-    logits = class_logits(model, family, batch_images)
-    maps = []
-    for i, meta in enumerate(metas):
-        original = family.logits_to_original(logits[i], meta["resized_size"], meta["original_size"])
-        if original.dim() == 2:  # one class
-            original = original[None]
-        maps.append(fuse(original, threshold).to(torch.uint8).cpu().numpy())
-    return maps
+    low_res = class_low_res(model, family, batch_images)
+    size = batch_images.shape[-1]
+    return [fuse_at_original(family, low_res[i], size, meta, threshold).to(torch.uint8).cpu().numpy() for i, meta in enumerate(metas)]
 
 
 @torch.no_grad()

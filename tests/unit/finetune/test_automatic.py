@@ -45,3 +45,14 @@ def test_semantic_evaluation_scores_every_pixel_against_its_label(blob_source):
     assert (c["tp"], c["fp"], c["fn"]) == (tp, fp, fn)
     assert math.isclose(c["iou"], tp / (tp + fp + fn)) if tp + fp + fn else math.isnan(c["iou"])
     assert class_logits(model, family, batch[0]["image"][None]).shape == (1, len(space.ids), 64, 64)
+
+
+def test_class_by_class_fusion_equals_fusing_all_resized_maps():
+    from samtune.finetune.automatic import fuse_at_original
+
+    family = family_of("tiny")
+    low_res = torch.randn(5, 16, 16, generator=torch.Generator().manual_seed(0))
+    meta = {"resized_size": (40, 64), "original_size": (75, 120)}
+    full = family.logits_to_original(family.upscale_logits(low_res[None], 64)[0], meta["resized_size"], meta["original_size"])
+    for threshold in (0.3, 0.5, 0.8):
+        assert torch.equal(fuse_at_original(family, low_res, 64, meta, threshold), fuse(full, threshold))
