@@ -70,10 +70,22 @@ def _squeeze_extra_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+def value_counts(label: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """``np.bincount`` of an unsigned label array, in chunks: bincount converts its input to int64,
+    which for a 512×512×600 uint8 volume would be a 1.3 GB copy."""
+    flat = label.reshape(-1)
+    counts = np.zeros(max(minlength, int(flat.max(initial=0)) + 1), np.int64)
+    step = 1 << 22
+    for start in range(0, flat.size, step):
+        chunk = np.bincount(flat[start : start + step], minlength=len(counts))
+        counts[: len(chunk)] += chunk
+    return counts
+
+
 def distinct_values(label: np.ndarray) -> np.ndarray:
     """Sorted distinct values; a bincount for small unsigned labels (np.unique sorts every voxel)."""
     if label.dtype.kind == "u" and label.size and int(label.max()) < 65536:
-        return np.flatnonzero(np.bincount(label.ravel()))
+        return np.flatnonzero(value_counts(label))
     return np.unique(label)
 
 
@@ -175,7 +187,10 @@ def resolve_window(intensity, image: np.ndarray) -> tuple[float, float]:
 def scale_to_0_255(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """float32 values in [0, 255] (not yet rounded): clip to the window, scale linearly."""
     lo, hi = window
-    return (np.clip(image, lo, hi) - lo) * (255.0 / (hi - lo))
+    out = np.clip(image, lo, hi)  # one new array, then in place: a 512×512×600 CT is 630 MB per float32 copy
+    out -= lo
+    out *= 255.0 / (hi - lo)
+    return out
 
 
 def to_display(volume_xyz: np.ndarray) -> np.ndarray:
@@ -223,13 +238,17 @@ def index_slices(label_zhw: np.ndarray) -> list[dict[str, list]]:
 def preprocess(raw: RawCase, intensity, spacing_mm: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray, dict]:
     """RawCase -> (Z×H×W uint8 image, Z×H×W uint8 label, meta with the window, spacing, index)."""
     window = resolve_window(intensity, raw.image)
-    image = to_display(scale_to_0_255(raw.image, window))
+    scaled = scale_to_0_255(raw.image, window)
     label = to_display(raw.label)
     spacing = list(raw.spacing_mm)
-    if spacing_mm is not None:
-        image, label = resample_in_plane(image, label, (spacing[0], spacing[1]), spacing_mm)
+    if spacing_mm is not None:  # resampled before rounding, in float
+        image, label = resample_in_plane(to_display(scaled), label, (spacing[0], spacing[1]), spacing_mm)
         spacing[:2] = [float(spacing_mm[0]), float(spacing_mm[1])]
-    voxels = np.bincount(raw.label.ravel(), minlength=256)
+        image = np.rint(image, out=image).astype(np.uint8)  # rint = np.round(x): half to even
+    else:  # rounded before the display layout is copied: the copy is uint8 (a 512×512×600 CT: 160 MB, not 630)
+        image = to_display(np.rint(scaled, out=scaled).astype(np.uint8))
+    del scaled
+    voxels = value_counts(raw.label, minlength=256)
     meta = {
         "window": [float(window[0]), float(window[1])],
         "spacing_mm": spacing,  # x, y, z of the cached slices
@@ -242,4 +261,4 @@ def preprocess(raw: RawCase, intensity, spacing_mm: tuple[float, float] | None) 
         "warnings": list(raw.warnings),
         "channels": int(raw.channels),  # of the image file; > 1: a 4D multi-modal image, one channel used
     }
-    return np.round(image).astype(np.uint8), label, meta
+    return image, label, meta

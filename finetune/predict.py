@@ -397,8 +397,8 @@ def _predict_volume(predictor: Predictor, source, path: Path, out: Path, prompts
     write_label_like(values, path, target)
     # the voxel volume of the grid the label is written on (the affine viewers use; pixdim may be stale)
     ml_per_voxel = abs(float(np.linalg.det(nib.load(str(path)).affine[:3, :3]))) / 1000.0
-    counts = np.bincount(values.ravel().astype(np.int64), minlength=256)
-    found = {n: int(counts[v]) for n, v in zip(space.names, space.file_values()) if v < len(counts) and counts[v]}
+    counts = {v: int(np.count_nonzero(values == v)) for v in space.file_values()}  # no int64 copy of the volume
+    found = {n: counts[v] for n, v in zip(space.names, space.file_values()) if counts[v]}
     sidecar = {
         "input": str(path), "output": str(target), "checkpoint": str(predictor.loaded.checkpoint),
         "mode": "prompted" if prompts is not None else "automatic",
@@ -417,7 +417,7 @@ def _needs_mapping(space: LabelSpace) -> bool:
 
 def _source_to_file_lut(space: LabelSpace) -> np.ndarray:
     """256 entries: source id (a class id or the background id) -> the value the file holds."""
-    lut = np.full(256, space.file_background, np.int64)
+    lut = np.full(256, space.file_background, np.uint8 if max(space.file_values(), default=0) < 256 else np.int64)
     lut[space.ids] = space.file_values()
     return lut
 

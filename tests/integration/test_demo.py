@@ -33,5 +33,7 @@ def test_full_demo_matches_the_readme(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["-q", "train", str(DEMO), f"output.dir={tmp_path / 'run'}"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["baseline"]["miou"] == pytest.approx(0.026, abs=0.002)
-    assert metrics["miou"] == pytest.approx(0.746, abs=0.01)
+    assert metrics["baseline"]["semantic"]["miou"] == pytest.approx(0.009, abs=0.002)
+    assert metrics["semantic"]["miou"] == pytest.approx(0.756, abs=0.01)
+    assert metrics["prompted"]["miou"] == pytest.approx(0.697, abs=0.01)
+    assert metrics["semantic"]["volume"]["mdice"] == pytest.approx(0.856, abs=0.01)
