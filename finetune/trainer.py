@@ -51,8 +51,13 @@ def train_step(model, family, batch: dict, recipe: Recipe, optimizer, use_box: b
     device = batch[S.IMAGE].device
     with autocast(device, recipe.train.precision):
         _, loss = run_rounds(model, family, batch, recipe.prompts, batch[S.IMAGE].shape[-1], use_box, click_generator, loss_fn, recipe.loss.iou_weight)
+    return _update(loss, optimizer, recipe, step, "prompted")
+
+
+def _update(loss: torch.Tensor, optimizer, recipe: Recipe, step: int, path: str) -> torch.Tensor:
+    """Backward and optimiser step, refusing a non-finite loss before it reaches the weights."""
     if not torch.isfinite(loss):
-        raise SamtuneError(f"loss became {loss.item()} at step {step}; lower train.lr (now {recipe.train.lr}).")
+        raise SamtuneError(f"loss became {loss.item()} at step {step} ({path} path); lower train.lr (now {recipe.train.lr}).")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -64,13 +69,7 @@ def automatic_step(model, family, batch: dict, recipe: Recipe, optimizer, loss_f
     device = batch[SEM.IMAGE].device
     with autocast(device, recipe.train.precision):
         logits = class_logits(model, family, batch[SEM.IMAGE])
-    loss = loss_fn(logits, batch[SEM.LABELS])
-    if not torch.isfinite(loss):
-        raise SamtuneError(f"loss became {loss.item()} at step {step} (automatic path); lower train.lr (now {recipe.train.lr}).")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss
+    return _update(loss_fn(logits, batch[SEM.LABELS]), optimizer, recipe, step, "automatic")
 
 
 def describe_volume(metrics: dict, label: str = "per case, 3D") -> str:

@@ -96,3 +96,72 @@ def write_train_ids():
         return written
 
     return write
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread while a module runs (``pytestmark = pytest.mark.usefixtures(...)``): the
+    tiny model's tensors gain nothing from a second one, and with other processes on the cores two
+    threads made the prediction tests 3-6× slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _make_run(folder: Path, data: dict, space, *, task: str = "both", tokens: int = 2) -> Path:
+    """A run folder with one untrained checkpoint (checkpoints/best), as `samtune train` writes it."""
+    import yaml
+
+    from samtune.adapters.lora import prepare_trainable
+    from samtune.finetune.checkpoints import save_checkpoint
+    from samtune.finetune.recipe import dump_recipe, load_recipe
+    from samtune.finetune.runtime import build_base_model, model_family
+
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe_file = folder / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump({
+        "seed": 0, "task": task, "data": data, "model": {"name": "tiny", "image_size": 64},
+        "eval": {"batch_size": 8}, "output": {"dir": str(folder / "run")},
+    }))  # fmt: skip
+    recipe = load_recipe(recipe_file)
+    family, base = model_family(recipe), build_base_model(recipe)
+    if tokens:
+        family.add_class_prompts(base, len(space.ids), tokens)
+    model = prepare_trainable(base, family, "lora", recipe.adapter.lora)
+    classes = {"task": task, "tokens": tokens, "label_space": space.to_dict()}
+    save_checkpoint(model, folder / "run" / "checkpoints" / "best", dump_recipe(recipe), {"step": 0}, classes=classes)
+    return folder / "run"
+
+
+@pytest.fixture(scope="session")
+def make_run():
+    """``make_run(folder, data_section, label_space, task=, tokens=)`` -> a run folder holding one
+    untrained checkpoint (no training: files, headers and geometry are what prediction tests check)."""
+    return _make_run
+
+
+def _official_args(ev, export_file: Path, predictions: Path | None = None):
+    args = ev.CArgs()
+    vars(args).update(vars(ev.args))  # the module's defaults, on a copy (the module object is global)
+    args.evalInstLevelScore = False  # nIoU: needs *_instanceIds.png and avgClassSize
+    args.evalPixelAccuracy = False  # its np.in1d is gone from NumPy 2.4
+    args.JSONOutput = False
+    args.exportFile = str(export_file)
+    args.quiet = True
+    args.colorized = False
+    args.bold = args.nocol = ""
+    if predictions is not None:
+        args.predictionPath = str(predictions)  # getPrediction: found by {city}_{seq}_{frame}*.png
+        args.predictionWalk = None
+    return args
+
+
+@pytest.fixture(scope="session")
+def official_cityscapes_args():
+    """``official_cityscapes_args(ev, export_file, predictions=None)``: the ``args`` object the
+    official evaluator (cityscapesscripts' evalPixelLevelSemanticLabeling ``ev``) reads, set up
+    for a quiet, pixel-level-only run."""
+    return _official_args

@@ -65,22 +65,7 @@ def _checkpoint(recipe, folder):
     return folder
 
 
-def _official_args(ev, tmp_path, predictions):
-    args = ev.CArgs()
-    vars(args).update(vars(ev.args))  # the module's defaults, on a copy (the module object is global)
-    args.evalInstLevelScore = False  # nIoU: needs *_instanceIds.png and avgClassSize
-    args.evalPixelAccuracy = False
-    args.JSONOutput = False
-    args.exportFile = str(tmp_path / "official.json")
-    args.quiet = True
-    args.colorized = False
-    args.bold = args.nocol = ""
-    args.predictionPath = str(predictions)  # getPrediction: found by {city}_{seq}_{frame}*.png
-    args.predictionWalk = None
-    return args
-
-
-def test_saved_predictions_score_as_the_official_evaluator_scores_them(tmp_path, monkeypatch):
+def test_saved_predictions_score_as_the_official_evaluator_scores_them(tmp_path, monkeypatch, official_cityscapes_args):
     monkeypatch.setenv("CITYSCAPES_DATASET", str(tmp_path))  # keeps its default paths out of site-packages
     ev = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
     root = _dataset(tmp_path)
@@ -123,7 +108,7 @@ def test_saved_predictions_score_as_the_official_evaluator_scores_them(tmp_path,
     assert len(allowed - seen) >= 2, seen  # and some never predicted
 
     # the official evaluator finds each prediction by name (getPrediction) and scores it
-    args = _official_args(ev, tmp_path, predictions)
+    args = official_cityscapes_args(ev, tmp_path / "official.json", predictions)
     pred_files = [ev.getPrediction(args, str(gt)) for gt in gt_files]
     assert pred_files == [str(predictions / gt.parent.name / gt.name) for gt in gt_files]
     theirs = ev.evaluateImgLists(pred_files, [str(gt) for gt in gt_files], args)

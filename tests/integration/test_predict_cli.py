@@ -10,48 +10,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-import yaml
 from PIL import Image
-from samtune.adapters.lora import prepare_trainable
 from samtune.datasets.source import LabelSpace
 from samtune.finetune import api  # noqa: F401  (imported at collection: its import of monai is not a test's time)
-from samtune.finetune.checkpoints import save_checkpoint
 from samtune.finetune.cli import main
-from samtune.finetune.recipe import dump_recipe, load_recipe
-from samtune.finetune.runtime import build_base_model, model_family
 
 CT_SPACE = LabelSpace([1, 2, 3, 4], ["liver", "spleen", "kidney_right", "kidney_left"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while this module runs: the tiny model's tensors gain nothing from a
-    second one, and with other processes on the cores two threads made these tests 3-6× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_run(folder: Path, data: dict, space: LabelSpace, *, task: str = "both", tokens: int = 2) -> Path:
-    """A run folder with one untrained checkpoint (checkpoints/best), as `samtune train` writes it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "recipe.yaml").write_text(yaml.safe_dump({
-        "seed": 0, "task": task, "data": data, "model": {"name": "tiny", "image_size": 64}, "output": {"dir": str(folder / "run")},
-    }))  # fmt: skip
-    recipe = load_recipe(folder / "recipe.yaml")
-    family, base = model_family(recipe), build_base_model(recipe)
-    if tokens:
-        family.add_class_prompts(base, len(space.ids), tokens)
-    model = prepare_trainable(base, family, "lora", recipe.adapter.lora)
-    classes = {"task": task, "tokens": tokens, "label_space": space.to_dict()}
-    save_checkpoint(model, folder / "run" / "checkpoints" / "best", dump_recipe(recipe), {"step": 0}, classes=classes)
-    return folder / "run"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def ct_run(tmp_path_factory, phantom_template) -> Path:
+def ct_run(tmp_path_factory, phantom_template, make_run) -> Path:
     return make_run(tmp_path_factory.mktemp("ct_run"), {"kind": "nifti", "root": str(phantom_template)}, CT_SPACE)
 
 
@@ -66,7 +37,7 @@ def scans(tmp_path_factory, phantom_template) -> Path:
 
 
 @pytest.fixture(scope="module")
-def promptable_run(tmp_path_factory) -> Path:
+def promptable_run(tmp_path_factory, make_run) -> Path:
     folder = tmp_path_factory.mktemp("promptable")
     return make_run(folder, {"kind": "folder2d", "root": str(folder / "data")}, LabelSpace([1, 2], ["blob", "bar"]), task="promptable", tokens=0)
 

@@ -18,20 +18,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import samtune.finetune.predict as P
-import torch
-import yaml
 from nibabel.orientations import apply_orientation, inv_ornt_aff
 from PIL import Image
 from samtune import SamtuneError
-from samtune.adapters.lora import prepare_trainable
 from samtune.constants import PIXEL_MEAN, PIXEL_STD
 from samtune.datasets.cityscapes import TRAIN_CLASSES, cityscapes_label_space
 from samtune.datasets.formats import open_images
 from samtune.datasets.source import LabelSpace
 from samtune.finetune import api
-from samtune.finetune.checkpoints import save_checkpoint
-from samtune.finetune.recipe import dump_recipe, load_recipe
-from samtune.finetune.runtime import build_base_model, model_family
+from samtune.finetune.recipe import load_recipe
 
 CT_SPACE = LabelSpace([1, 2, 3, 4], ["liver", "spleen", "kidney_right", "kidney_left"])
 CT_CLASSES = {"1": "liver", "2": "spleen", "3": "kidney_right", "4": "kidney_left"}
@@ -43,33 +38,7 @@ LEVELS = np.array([-150, 0, 100, 230], np.int16)
 THRESHOLDS = [50, 130, 210]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while this module runs: the tiny model's tensors gain nothing from a
-    second one, and with other processes on the cores two threads made these tests 3-6× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_run(folder: Path, data: dict, space: LabelSpace, *, task: str = "both", tokens: int = 2) -> Path:
-    """A run folder with one untrained checkpoint (checkpoints/best), as `samtune train` writes it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe_file = folder / "recipe.yaml"
-    recipe_file.write_text(yaml.safe_dump({
-        "seed": 0, "task": task, "data": data, "model": {"name": "tiny", "image_size": 64},
-        "eval": {"batch_size": 8}, "output": {"dir": str(folder / "run")},
-    }))  # fmt: skip
-    recipe = load_recipe(recipe_file)
-    family = model_family(recipe)
-    base = build_base_model(recipe)
-    if tokens:
-        family.add_class_prompts(base, len(space.ids), tokens)
-    model = prepare_trainable(base, family, "lora", recipe.adapter.lora)
-    classes = {"task": task, "tokens": tokens, "label_space": space.to_dict()}
-    save_checkpoint(model, folder / "run" / "checkpoints" / "best", dump_recipe(recipe), {"step": 0}, classes=classes)
-    return folder / "run"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def with_overrides(loaded: api.LoadedModel, *overrides: str) -> api.LoadedModel:
@@ -78,7 +47,7 @@ def with_overrides(loaded: api.LoadedModel, *overrides: str) -> api.LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def ct_run(tmp_path_factory, phantom_template) -> Path:
+def ct_run(tmp_path_factory, phantom_template, make_run) -> Path:
     return make_run(tmp_path_factory.mktemp("ct_run"), {"kind": "nifti", "root": str(phantom_template)}, CT_SPACE)
 
 
@@ -88,13 +57,13 @@ def ct_model(ct_run) -> api.LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def cs_model(tmp_path_factory, cs_template) -> api.LoadedModel:
+def cs_model(tmp_path_factory, cs_template, make_run) -> api.LoadedModel:
     space = cityscapes_label_space(list(range(len(TRAIN_CLASSES))))
     return api.load_model(make_run(tmp_path_factory.mktemp("cs_run"), {"kind": "cityscapes", "root": str(cs_template)}, space))
 
 
 @pytest.fixture(scope="module")
-def promptable_model(tmp_path_factory) -> api.LoadedModel:
+def promptable_model(tmp_path_factory, make_run) -> api.LoadedModel:
     """A task: promptable checkpoint (classes.json with tokens 0): no automatic mode."""
     folder = tmp_path_factory.mktemp("prompt_run")
     run = make_run(folder, {"kind": "folder2d", "root": str(folder / "data")}, LabelSpace([1, 2], ["blob", "bar"]), task="promptable", tokens=0)

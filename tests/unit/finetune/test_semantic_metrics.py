@@ -186,7 +186,7 @@ def _prediction(rng, gt_train: np.ndarray) -> np.ndarray:
     return pred
 
 
-def test_agrees_with_the_official_cityscapes_evaluator(tmp_path, monkeypatch):
+def test_agrees_with_the_official_cityscapes_evaluator(tmp_path, monkeypatch, official_cityscapes_args):
     monkeypatch.setenv("CITYSCAPES_DATASET", str(tmp_path))  # keeps its default paths out of site-packages
     ev = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
     rng = np.random.default_rng(7)
@@ -205,15 +205,7 @@ def test_agrees_with_the_official_cityscapes_evaluator(tmp_path, monkeypatch):
         gt_files.append(str(gt_path))
         pred_files.append(str(pred_path))
 
-    args = ev.CArgs()
-    vars(args).update(vars(ev.args))  # the module's defaults, on a copy (the module object is global)
-    args.evalInstLevelScore = False  # nIoU: needs *_instanceIds.png and avgClassSize
-    args.evalPixelAccuracy = False
-    args.JSONOutput = False
-    args.exportFile = str(tmp_path / "result.json")
-    args.quiet = True
-    args.colorized = False
-    args.bold = args.nocol = ""
+    args = official_cityscapes_args(ev, tmp_path / "result.json")
     theirs = ev.evaluateImgLists(pred_files, gt_files, args)
 
     r = ours.result()
