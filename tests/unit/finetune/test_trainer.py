@@ -67,5 +67,5 @@ def test_non_finite_loss_names_the_step():
     recipe, family, model, optimizer, loss_fn = setup()
     batch = fixed_batch()
     batch[S.IMAGE][0, 0, 0, 0] = np.nan
-    with pytest.raises(SamtuneError, match=r"loss became nan at step 7; lower train.lr"):
+    with pytest.raises(SamtuneError, match=r"loss became nan at step 7 \(prompted path\); lower train.lr"):
         train_step(model, family, batch, recipe, optimizer, True, torch.Generator(), loss_fn, step=7)
