@@ -25,6 +25,7 @@ from samtune.adapters.family import CLASS_PROMPTS, ModelFamily
 from samtune.datasets import semantic as SEM
 from samtune.datasets.semantic import SemanticDataset, collate_semantic
 from samtune.datasets.source import LabelSpace
+from samtune.finetune.label_files import write_label_png
 from samtune.finetune.semantic_metrics import ConfusionAccumulator
 from samtune.finetune.volume_metrics import SemanticVolumeAccumulator
 
@@ -111,19 +112,3 @@ def evaluate_semantic(
         metrics["volume"] = volumes.result()
         metrics["label_volumes"] = volumes.volumes  # not JSON: the caller writes or drops them
     return metrics
-
-
-def write_label_png(values: np.ndarray, path: Path) -> Path:
-    """An 8-bit single-channel PNG of label values (written atomically)."""
-    import cv2
-
-    from samtune.files import write_atomic
-
-    if values.max(initial=0) > 255:
-        raise SamtuneError(f"{path}: label values above 255 do not fit an 8-bit PNG.")
-    ok, encoded = cv2.imencode(".png", values.astype(np.uint8))
-    if not ok:
-        raise SamtuneError(f"{path}: PNG encoding failed.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, encoded.tobytes())
-    return path

@@ -17,10 +17,8 @@ a time, slices in batches of ``eval.batch_size``, so memory stays bounded by one
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,109 +30,14 @@ from samtune.datasets.formats import open_images
 from samtune.datasets.semantic import SemanticDataset, collate_semantic
 from samtune.datasets.source import LabelSpace, SliceSource
 from samtune.files import write_json_atomic
-from samtune.finetune.automatic import has_class_prompts, predict_index_maps, write_label_png
+from samtune.finetune.automatic import has_class_prompts, predict_index_maps
+from samtune.finetune.label_files import write_label_png, write_overlay
 from samtune.finetune.checkpoints import read_classes
+from samtune.finetune.prompt_file import Prompt, PromptSet, load_prompts
 
 log = logging.getLogger(__name__)
 
-COORDINATES = ("pixel", "voxel", "RAS", "LPS")
 _MARGIN = 0.1  # propagation: the previous mask's box grown by 10% of its size on each side (at least 2 px)
-
-
-@dataclass
-class Prompt:
-    """One prompt of the prompts file, as given (coordinates not yet mapped)."""
-
-    class_name: str
-    box: list | None = None
-    points: list | None = None
-    labels: list | None = None
-    input: str | None = None  # the input it applies to (file name or stem); None: every input
-    where: str = ""  # "prompts.json: prompts[2]" for messages
-
-    def applies_to(self, name: str, file: Path | None = None) -> bool:
-        """Whether this prompt is for the input named ``name`` (output name) read from ``file``:
-        every input when no input is given; else the name, the file name or the file's stem."""
-        if self.input is None:
-            return True
-        given = {self.input, _strip(self.input)}
-        return name in given or (file is not None and bool({file.name, _strip(file.name)} & given))
-
-
-@dataclass
-class PromptSet:
-    coordinates: str | None
-    prompts: list[Prompt] = field(default_factory=list)
-
-    def for_input(self, name: str, file: Path | None = None) -> list[Prompt]:
-        return [p for p in self.prompts if p.applies_to(name, file)]
-
-
-def _strip(name: str) -> str:
-    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def load_prompts(path: str | Path, class_names: list[str]) -> PromptSet:
-    """Read and check a prompts JSON: ``{"coordinates": "pixel|voxel|RAS|LPS", "prompts": [{"class":
-    "liver", "box": ..., "points": [...], "labels": [1, 0], "input": "case_001"}]}``."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as exc:
-        raise SamtuneError(f"--prompts {path}: cannot read it ({exc.strerror or exc}).") from None
-    except ValueError as exc:
-        raise SamtuneError(f"--prompts {path}: not valid JSON ({exc}).") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("prompts"), list):
-        raise SamtuneError(f'--prompts {path}: expected {{"coordinates": ..., "prompts": [{{"class": ..., "box": ...}}, ...]}}.')
-    unknown = set(raw) - {"coordinates", "prompts"}
-    if unknown:
-        raise SamtuneError(f"--prompts {path}: unknown keys {sorted(unknown)} (keys: coordinates, prompts).")
-    coordinates = raw.get("coordinates")
-    if coordinates is not None and coordinates not in COORDINATES:
-        raise SamtuneError(f"--prompts {path}: coordinates={coordinates!r}; use one of {', '.join(COORDINATES)}.")
-    if not raw["prompts"]:
-        raise SamtuneError(f"--prompts {path}: the prompts list is empty; give at least one box or points per class to segment.")
-    out = PromptSet(coordinates)
-    for k, item in enumerate(raw["prompts"]):
-        where = f"--prompts {path}: prompts[{k}]"
-        if not isinstance(item, dict):
-            raise SamtuneError(f"{where}: expected an object with class and box and/or points.")
-        extra = set(item) - {"class", "box", "points", "labels", "input"}
-        if extra:
-            raise SamtuneError(f"{where}: unknown keys {sorted(extra)} (keys: class, box, points, labels, input).")
-        name = item.get("class")
-        if name not in class_names:
-            from samtune.suggest import did_you_mean
-
-            raise SamtuneError(f"{where}: class {name!r} is not a class of this checkpoint; {did_you_mean(str(name), class_names)}(classes: {', '.join(class_names)}).")
-        box, points, labels = item.get("box"), item.get("points"), item.get("labels")
-        if box is None and points is None:
-            raise SamtuneError(f"{where}: give a box and/or points.")
-        if labels is not None and points is None:
-            raise SamtuneError(f"{where}: labels without points; labels give one 1 (inside) or 0 (outside) per point.")
-        if item.get("input") is not None and not isinstance(item["input"], str):
-            raise SamtuneError(f"{where}: input={item['input']!r}; give the input's file name or name as a string.")
-        try:
-            if box is not None:
-                box = np.asarray(box, float)
-                if box.shape not in ((4,), (2, 3)):
-                    raise ValueError("box must be [x0, y0, x1, y1] (pixel) or two opposite corners [[.,.,.], [.,.,.]] (voxel/RAS/LPS)")
-            if points is not None:
-                points = np.asarray(points, float)
-                if points.ndim != 2 or points.shape[1] not in (2, 3) or len(points) == 0:
-                    raise ValueError("points must be a list of [x, y] (pixel) or [., ., .] (voxel/RAS/LPS)")
-                labels = np.ones(len(points), int) if labels is None else np.asarray(labels, int)
-                if labels.shape != (len(points),) or not set(labels.tolist()) <= {0, 1}:
-                    raise ValueError("labels must hold one 1 (inside) or 0 (outside) per point")
-            if any(v is not None and not np.isfinite(v).all() for v in (box, points)):
-                raise ValueError("coordinates must be finite numbers")
-        except (ValueError, TypeError) as exc:
-            raise SamtuneError(f"{where}: {exc}.") from None
-        out.prompts.append(Prompt(name, box, points, labels, item.get("input"), where))
-    return out
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -469,41 +372,3 @@ def _propagate(predictor: Predictor, source, label: np.ndarray, z0: int, box, po
             mask = predictor.prompted_mask(image, _bbox(previous), None, None)
             label[z][mask] = value
             previous, z = mask, z + step
-
-
-# a fixed palette: class k gets colour k (tab10-like, then repeated)
-_PALETTE = np.array([
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200),
-    (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
-], np.float32)  # fmt: skip
-
-
-def write_overlay(image: np.ndarray, values: np.ndarray, space: LabelSpace, path: Path) -> Path:
-    """The image with each class's pixels tinted in its palette colour (50%)."""
-    import cv2
-
-    from samtune.files import write_atomic
-
-    rgb = np.repeat(image[..., None], 3, 2) if image.ndim == 2 else image[..., :3]
-    rgb = rgb.astype(np.float32)
-    for k, v in enumerate(space.file_values()):
-        mask = values == v
-        rgb[mask] = 0.5 * rgb[mask] + 0.5 * _PALETTE[k % len(_PALETTE)]
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb.round().astype(np.uint8), cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise SamtuneError(f"{path}: PNG encoding failed.")
-    return write_atomic(path, encoded.tobytes())
-
-
-def write_label_volumes(volumes: dict[str, np.ndarray], source, space: LabelSpace, folder: Path) -> list[Path]:
-    """Semantic evaluation's predicted label volumes (display layout, source ids) as NIfTI files on
-    each validation case's own grid (``eval.save_predictions``)."""
-    from samtune.datasets.nifti_geometry import display_to_file_order, write_label_like
-
-    written = []
-    for case in source.cases:
-        if case.name in volumes:
-            scan = Path(case.meta["image_file"])
-            written.append(write_label_like(display_to_file_order(volumes[case.name], scan, case.meta), scan, folder / f"{case.name}.nii.gz"))
-    return written
