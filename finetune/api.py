@@ -24,7 +24,8 @@ from samtune.finetune.data import build_datasets
 from samtune.finetune.recipe import Recipe, load_recipe
 from samtune.finetune.runtime import build_base_model, check_writable, image_size_of, model_family, resolve_device, seed_everything
 from samtune.finetune.label_files import write_label_volumes
-from samtune.finetune.trainer import evaluate_with_recipe, json_ready, print_results, write_per_case
+from samtune.finetune.reporting import json_ready, print_results, write_per_case
+from samtune.finetune.trainer import evaluate_with_recipe
 from samtune.finetune.trainer import train as train  # re-exported: samtune.train
 
 

@@ -96,7 +96,7 @@ def evaluate_semantic(
     confusion = ConfusionAccumulator(class_names, source.ignore_index)
     volumes = SemanticVolumeAccumulator(source, class_names) if source.volumetric else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_semantic)
-    for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
+    for batch in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):  # None: no bar when not a terminal
         metas = batch[SEM.META]
         for meta, index_map in zip(metas, predict_index_maps(model, family, batch[SEM.IMAGE].to(device), metas, threshold)):
             pred = space.to_source_ids(index_map)

@@ -78,7 +78,7 @@ def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recip
     if dataset.source.volumetric and not dataset.is_subset:
         volumes = VolumeMetricAccumulator(dataset.source, dataset.class_names)
     generator = torch.Generator(device=device).manual_seed(recipe.seed)  # corrective clicks: the same on every evaluation
-    for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
+    for batch in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):  # None: no bar when not a terminal
         batch = {k: (v.to(device) if k != S.META else v) for k, v in batch.items()}
         outputs, _ = run_rounds(model, family, batch, recipe.prompts, dataset.image_size, use_box, generator)
         for round_index, (round_logits, acc) in enumerate(zip(outputs, accumulators)):

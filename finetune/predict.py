@@ -75,7 +75,7 @@ class Predictor:
         """(index, H×W class-index map) for every image of ``source``, in batches."""
         dataset = SemanticDataset(source, self.transform, self.space, training=False)
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_semantic)
-        for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):  # None: no bar when not a terminal
             maps = predict_index_maps(self.model, self.family, batch["image"].to(self.device), batch["meta"], self.threshold)
             yield from zip((m["index"] for m in batch["meta"]), maps)
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from samtune import SamtuneError
 from samtune.adapters.lora import count_parameters, prepare_trainable
@@ -24,13 +24,13 @@ from samtune.datasets.semantic import collate_semantic
 from samtune.files import write_atomic, write_json_atomic
 from samtune.finetune.checkpoints import save_checkpoint
 from samtune.finetune.data import build_datasets
-from samtune.finetune.evaluation import evaluate_all, uses_box
+from samtune.finetune.evaluation import evaluate_all
 from samtune.finetune.interaction import run_rounds
-from samtune.finetune.volume_metrics import per_case_rows
 from samtune.finetune.automatic import class_logits
 from samtune.finetune.losses import AutomaticLoss, make_mask_loss
-from samtune.finetune.metrics import format_table
+from samtune.finetune.optim import build_optimizer, build_scheduler
 from samtune.finetune.recipe import Recipe, dump_recipe
+from samtune.finetune.reporting import baseline_summary, json_ready, print_results, write_per_case
 from samtune.finetune.runtime import (
     autocast, build_base_model, check_writable, image_size_of, model_family, resolve_device, seed_everything,
 )  # fmt: skip
@@ -45,95 +45,44 @@ def evaluate_with_recipe(model, family, data, recipe: Recipe, device: torch.devi
         return evaluate_all(model, family, data, recipe, device, desc, predictions)
 
 
-def train_step(model, family, batch: dict, recipe: Recipe, optimizer, use_box: bool, click_generator, loss_fn, step: int = 0) -> torch.Tensor:
-    """One optimiser step on a batch already on the model's device: prompt rounds, loss, backward,
-    update. Returns the loss (detached from nothing: the caller logs ``loss.item()``)."""
-    device = batch[S.IMAGE].device
-    with autocast(device, recipe.train.precision):
+def prompted_loss(model, family, batch: dict, recipe: Recipe, use_box: bool, click_generator, loss_fn) -> torch.Tensor:
+    """The prompted path's loss on a batch already on the model's device: prompt rounds, then
+    Dice + focal (+ IoU head) averaged over rounds."""
+    with autocast(batch[S.IMAGE].device, recipe.train.precision):
         _, loss = run_rounds(model, family, batch, recipe.prompts, batch[S.IMAGE].shape[-1], use_box, click_generator, loss_fn, recipe.loss.iou_weight)
-    return _update(loss, optimizer, recipe, step, "prompted")
+    return loss
 
 
-def _update(loss: torch.Tensor, optimizer, recipe: Recipe, step: int, path: str) -> torch.Tensor:
-    """Backward and optimiser step, refusing a non-finite loss before it reaches the weights."""
+def automatic_loss(model, family, batch: dict, recipe: Recipe, loss_fn) -> torch.Tensor:
+    """The automatic path's loss: every class prompt on every image of the batch."""
+    with autocast(batch[SEM.IMAGE].device, recipe.train.precision):
+        logits = class_logits(model, family, batch[SEM.IMAGE])
+    return loss_fn(logits, batch[SEM.LABELS])
+
+
+def check_finite(loss: torch.Tensor, step: int, path: str, recipe: Recipe, last_good: str = "") -> None:
+    """Stop before a non-finite loss reaches the weights, naming the step and the last good state."""
     if not torch.isfinite(loss):
-        raise SamtuneError(f"loss became {loss.item()} at step {step} ({path} path); lower train.lr (now {recipe.train.lr}).")
+        raise SamtuneError(
+            f"loss became {loss.item()} at step {step} ({path} path); lower train.lr (now {recipe.train.lr})"
+            + (f" or set train.clip_grad_norm; {last_good}" if last_good else "") + "."
+        )
+
+
+def train_step(model, family, batch: dict, recipe: Recipe, optimizer, use_box: bool, click_generator, loss_fn, step: int = 0) -> torch.Tensor:
+    """One optimiser step of the prompted path on one batch (no accumulation, no clipping); the
+    training loop itself runs ``optimizer_step``. Returns the loss."""
+    loss = prompted_loss(model, family, batch, recipe, use_box, click_generator, loss_fn)
+    check_finite(loss, step, "prompted", recipe)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss
 
 
-def automatic_step(model, family, batch: dict, recipe: Recipe, optimizer, loss_fn, step: int = 0) -> torch.Tensor:
-    """One optimiser step of the automatic path: every class prompt on every image of the batch."""
-    device = batch[SEM.IMAGE].device
-    with autocast(device, recipe.train.precision):
-        logits = class_logits(model, family, batch[SEM.IMAGE])
-    return _update(loss_fn(logits, batch[SEM.LABELS]), optimizer, recipe, step, "automatic")
-
-
-def describe_volume(metrics: dict, label: str = "per case, 3D") -> str:
-    """A summary line and one line per class of the per-case 3D metrics of volumetric data."""
-    volume = metrics["volume"]
-    lines = [f"{label}: mean Dice {volume['mdice']:.3f}, HD95 {volume['mhd95_mm']:.1f} mm, "
-             f"NSD@{volume['nsd_tolerance_mm']:g}mm {volume['mnsd']:.3f}"]  # fmt: skip
-    for name, c in volume["per_class"].items():
-        undefined = f" (HD95 undefined in {c['hd95_undefined']})" if c["hd95_undefined"] else ""
-        lines.append(f"  {name}: Dice {c['dice']:.3f}, HD95 {c['hd95_mm']:.1f} mm, NSD {c['nsd']:.3f}, {c['cases']} cases{undefined}")
-    return "\n".join(lines)
-
-
-def describe_prompts(recipe: Recipe) -> str:
-    p = recipe.prompts
-    first = f"tight box (jitter {recipe.eval.box_jitter_px:g} px)" if uses_box(recipe) else f"{p.positive_points}+/{p.negative_points}- point"
-    rounds = f" + {p.corrective_rounds} corrective clicks" if p.corrective_rounds else ""
-    return f"{first} prompts from ground truth{rounds}, per {p.per}"
-
-
-def print_results(columns: dict[str, dict], recipe: Recipe) -> None:
-    """The prompted and semantic tables (and per-case 3D lines) of one or more evaluations, each
-    part labelled with its protocol."""
-    last = list(columns.values())[-1]
-    if "prompted" in last:
-        print(format_table({k: m["prompted"] for k, m in columns.items()}, title=f"PROMPTED validation: {describe_prompts(recipe)}"))
-        if "volume" in last["prompted"]:
-            print(describe_volume(last["prompted"], "prompted, per case 3D (unprompted slices count as empty)"))
-    if "semantic" in last:
-        print(format_table(
-            {k: m["semantic"] for k, m in columns.items()},
-            title=f"SEMANTIC validation (no prompts; every pixel, void excluded; background below p={recipe.automatic.threshold:g})",
-        ))  # fmt: skip
-        if "volume" in last["semantic"]:
-            print(describe_volume(last["semantic"], "semantic, per case 3D (whole predicted volumes)"))
-
-
-def write_per_case(metrics: dict, out) -> None:
-    """``<out>/per_case.csv``: the per-case 3D scores (semantic when there, else prompted)."""
-    import csv
-    import io
-
-    part = next((metrics[k] for k in ("semantic", "prompted") if k in metrics and "volume" in metrics[k]), None)
-    if part is None:
-        return
-    rows = per_case_rows(part["volume"])
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["case", "class", "dice", "hd95_mm", "nsd"])
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(out / "per_case.csv", buffer.getvalue())
-
-
-def json_ready(metrics: dict) -> dict:
-    """Metrics without what JSON cannot hold (the semantic label volumes)."""
-    out = dict(metrics)
-    if "semantic" in out:
-        out["semantic"] = {k: v for k, v in out["semantic"].items() if k != "label_volumes"}
-    return out
-
-
 def _loader(dataset, recipe: Recipe, collate, seed: int):
     """Batches of ``dataset`` drawn with replacement, enough for every step, in a seeded order."""
-    sampler = RandomSampler(dataset, replacement=True, num_samples=recipe.train.steps * recipe.train.batch_size,
+    sampler = RandomSampler(dataset, replacement=True, num_samples=recipe.train.steps * recipe.train.accumulate * recipe.train.batch_size,
                             generator=torch.Generator().manual_seed(seed))  # fmt: skip
     return iter(DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collate,
                            num_workers=recipe.train.num_workers, drop_last=True))  # fmt: skip
@@ -191,8 +140,8 @@ def train(recipe: Recipe) -> dict:
     log.info("before fine-tuning: %s mIoU %.4f", baseline["headline"], baseline["miou"])
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.train.warmup_steps, recipe.train.steps)
+    optimizer = build_optimizer(model, recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train)
     loss_fn = make_mask_loss(recipe.loss.dice_weight, recipe.loss.focal_weight)
     click_generator = torch.Generator(device=device).manual_seed(recipe.seed + 1)
     prompt_rng = np.random.default_rng(recipe.seed)
@@ -201,32 +150,51 @@ def train(recipe: Recipe) -> dict:
     automatic = None
     if data.train_semantic is not None:
         automatic = _loader(data.train_semantic, recipe, collate_semantic, recipe.seed + 2)
-        automatic_loss = AutomaticLoss(recipe.loss.dice_weight, recipe.loss.focal_weight, _class_weights(recipe, data.space)).to(device)
+        auto_loss_fn = AutomaticLoss(recipe.loss.dice_weight, recipe.loss.focal_weight, _class_weights(recipe, data.space)).to(device)
 
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out / "tensorboard"))
     best = {"miou": -math.inf, "step": 0}
-    history = []
-    metrics = baseline
+    history, below_baseline, stopped_early = [], [], None
+    metrics, last_good, stale = baseline, "no checkpoint was written yet", 0
     started = time.perf_counter()
     model.train()
-    progress = tqdm(range(1, recipe.train.steps + 1), desc="train", unit="step")
+    steps, accumulate = recipe.train.steps, recipe.train.accumulate
+    interactive = sys.stderr.isatty()  # a log file gets a line every log_every steps, not redrawn bars
+    progress = tqdm(range(1, steps + 1), desc="train", unit="step", disable=not interactive)
     for step in progress:
         auto = prompted is None or (automatic is not None and task_rng.random() < recipe.automatic.ratio)
-        batch = next(automatic if auto else prompted)
-        batch = {k: (v.to(device) if k != S.META else v) for k, v in batch.items()}
-        if auto:
-            loss = automatic_step(model, family, batch, recipe, optimizer, automatic_loss, step)
-        else:
-            use_box = bool(prompt_rng.random() < recipe.prompts.box_probability)
-            loss = train_step(model, family, batch, recipe, optimizer, use_box, click_generator, loss_fn, step)
+        path = "automatic" if auto else "prompted"
+        use_box = False if auto else bool(prompt_rng.random() < recipe.prompts.box_probability)
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = 0.0
+        for _ in range(accumulate):  # gradients of `accumulate` batches summed, each scaled by 1/accumulate
+            batch = {k: (v.to(device) if k != S.META else v) for k, v in next(automatic if auto else prompted).items()}
+            if auto:
+                loss = automatic_loss(model, family, batch, recipe, auto_loss_fn)
+            else:
+                loss = prompted_loss(model, family, batch, recipe, use_box, click_generator, loss_fn)
+            check_finite(loss, step, path, recipe, last_good)
+            (loss / accumulate).backward()
+            loss_value += loss.item() / accumulate
+        if recipe.train.clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.train.clip_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise SamtuneError(f"the gradient norm became {grad_norm.item()} at step {step} ({path} path); lower train.lr (now {recipe.train.lr}); {last_good}.")
+        optimizer.step()
         scheduler.step()
-        progress.set_postfix(loss=f"{loss.item():.4f}", path="auto" if auto else "prompt")
+        progress.set_postfix(loss=f"{loss_value:.4f}", path=path)
         if step % recipe.train.log_every == 0 or step == 1:
-            writer.add_scalar(f"train/loss_{'automatic' if auto else 'prompted'}", loss.item(), step)
-            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-        if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
+            writer.add_scalar(f"train/loss_{path}", loss_value, step)
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                writer.add_scalar(f"train/lr_{group['name']}", lr, step)
+            if recipe.train.clip_grad_norm is not None:
+                writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+            if not interactive:
+                log.info("%s", progress_line(step, steps, loss_value, path, scheduler.get_last_lr()[0], time.perf_counter() - started))
+        if step % recipe.train.eval_every == 0 or step == steps:
+            check_finite_weights(model, step, last_good)
             metrics = run_eval(f"eval @ {step}")
             for part in ("prompted", "semantic"):
                 if part in metrics:
@@ -234,26 +202,41 @@ def train(recipe: Recipe) -> dict:
                     writer.add_scalar(f"val_{part}/mdice", metrics[part]["mdice"], step)
                     for name, c in metrics[part]["per_class"].items():
                         writer.add_scalar(f"val_{part}_iou/{name}", c["iou"], step)
-            entry = {"step": step, "miou": metrics["miou"], "mdice": metrics["mdice"], "loss": loss.item()}
+            entry = {"step": step, "miou": metrics["miou"], "mdice": metrics["mdice"], "loss": loss_value}
             entry.update({f"{part}_miou": metrics[part]["miou"] for part in ("prompted", "semantic") if part in metrics})
+            if metrics["miou"] < baseline["miou"]:  # users often learn this only after the fact
+                entry["below_baseline"] = True
+                below_baseline.append(step)
+                log.warning("step %d: validation %s mIoU %.4f is BELOW the model before fine-tuning (%.4f)", step, metrics["headline"], metrics["miou"], baseline["miou"])
             history.append(entry)
             state = {"step": step, "headline": metrics["headline"], "miou": metrics["miou"], "mdice": metrics["mdice"]}
             save_checkpoint(model, out / "checkpoints" / "last", recipe_yaml, state, classes)
+            last_good = f"the last good state is {out / 'checkpoints' / 'last'} (step {step})"
             if metrics["miou"] > best["miou"]:
-                best = {"miou": metrics["miou"], "step": step}
+                best, stale = {"miou": metrics["miou"], "step": step}, 0
                 save_checkpoint(model, out / "checkpoints" / "best", recipe_yaml, state, classes)
+            else:
+                stale += 1
             progress.write(f"step {step}: val {metrics['headline']} mIoU {metrics['miou']:.4f} (best {best['miou']:.4f} @ {best['step']})")
+            patience = recipe.train.early_stop_patience
+            if patience is not None and stale >= patience and step < steps:
+                stopped_early = {"step": step, "patience": patience, "best_step": best["step"]}
+                log.info("early stop at step %d: no better %s mIoU for %d evaluations (best %.4f @ %d)", step, metrics["headline"], patience, best["miou"], best["step"])
+                break
+    progress.close()
     writer.flush()
     writer.close()
 
     result = json_ready(metrics)
     result.update(
         task=recipe.task,
-        step=recipe.train.steps,
+        step=history[-1]["step"] if history else steps,
         checkpoint=str(out / "checkpoints" / "last"),
         best={"step": best["step"], "miou": best["miou"], "checkpoint": str(out / "checkpoints" / "best")},
-        baseline=_summary(baseline),
+        baseline=baseline_summary(baseline),
         miou_gain=metrics["miou"] - baseline["miou"],
+        below_baseline_at=below_baseline,
+        stopped_early=stopped_early,
         history=history,
         parameters=params,
         train_seconds=round(time.perf_counter() - started, 1),
@@ -262,14 +245,20 @@ def train(recipe: Recipe) -> dict:
     )
     write_json_atomic(out / "metrics.json", result)
     write_per_case(metrics, out)
-    print_results({"before fine-tuning": baseline, f"after {recipe.train.steps} steps": metrics}, recipe)
+    print_results({"before fine-tuning": baseline, f"after {result['step']} steps": metrics}, recipe)
     print(f"{metrics['headline']} mIoU {baseline['miou']:.3f} -> {metrics['miou']:.3f} ({metrics['miou'] - baseline['miou']:+.3f}); files in {out}")
     return result
 
 
-def _summary(metrics: dict) -> dict:
-    """The baseline as metrics.json keeps it: per part, the per-class table and the means."""
-    keep = ("per_class", "miou", "mdice", "miou_per_sample", "mdice_per_sample", "pixel_accuracy")
-    out = {part: {k: metrics[part][k] for k in keep if k in metrics[part]} for part in ("prompted", "semantic") if part in metrics}
-    out.update(headline=metrics["headline"], miou=metrics["miou"], mdice=metrics["mdice"])
-    return out
+def progress_line(step: int, steps: int, loss: float, path: str, lr: float, elapsed: float) -> str:
+    """The progress of a run as one log line (when stderr is not a terminal)."""
+    rate = step / elapsed if elapsed > 0 else 0.0
+    eta = (steps - step) / rate if rate else 0.0
+    return f"step {step}/{steps}  loss {loss:.4f} ({path})  lr {lr:.2e}  {rate:.2f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+
+
+def check_finite_weights(model, step: int, last_good: str) -> None:
+    """Never save NaN weights: a trained parameter that is not finite stops the run here."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param).all():
+            raise SamtuneError(f"weights became non-finite at step {step} ({name}); nothing was saved from this step; {last_good}. Lower train.lr or set train.clip_grad_norm.")
