@@ -89,6 +89,15 @@ class PromptedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images) if self.training else len(self.pairs)
 
+    @property
+    def draws(self) -> int:
+        """Training samples served so far (each draws fresh jitter): saved with a training state."""
+        return self._draws
+
+    def restore_draws(self, draws: int) -> None:
+        """Continue the jitter sequence of a resumed run where its state was written."""
+        self._draws = int(draws)
+
     def _component_sizes(self, index: int, class_id: int) -> list[int]:
         """Pixel counts of one class's connected components, largest first: from the source's
         slice index when it has one (cached NIfTI), else from the label map."""

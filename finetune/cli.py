@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         "before and after fine-tuning on the validation split.",
     )
     _add_recipe_args(p)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
+                   help="continue a run exactly where its last training state (OUTPUT/states/, every train.save_every steps) "
+                   "left it; DIR: a state folder or another run folder (default: this recipe's output.dir)")  # fmt: skip
+    p.add_argument("--resume-force", action="store_true", help="resume although keys that cannot change results differ "
+                   "(train.eval_every, log_every, save_every, keep_states, num_workers, eval.batch_size)")  # fmt: skip
 
     p = sub.add_parser(
         "evaluate",
@@ -164,7 +169,9 @@ def _run(args: argparse.Namespace) -> int:
     from samtune.finetune import api
 
     if args.command == "train":
-        api.train(recipe)
+        if args.resume_force and args.resume is None:
+            raise SamtuneError("--resume-force is only meaningful with --resume.")
+        api.train(recipe, resume=args.resume, resume_force=args.resume_force)
     elif args.command == "evaluate":
         api.evaluate(recipe, args.checkpoint, args.out)
     return 0

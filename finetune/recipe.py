@@ -87,6 +87,8 @@ class TrainSection(_Section):
     early_stop_patience: Optional[int] = Field(None, ge=1, description="stop when the headline validation mIoU has not improved for this many evaluations (default: run every step)")
     eval_every: int = Field(100, ge=1, description="evaluate on the validation split every N steps (and at the end)")
     log_every: int = Field(10, ge=1, description="write loss and lr to TensorBoard every N steps")
+    save_every: Optional[int] = Field(None, ge=1, description="write the training state for `samtune train --resume` every N steps (`<output.dir>/states/`; default: at every evaluation)")
+    keep_states: int = Field(2, ge=1, description="training states kept (the newest); `checkpoints/best` and `last` are kept apart")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     device: str = Field("auto", description="`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`")
 

@@ -10,10 +10,11 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from samtune import SamtuneError
@@ -31,6 +32,7 @@ from samtune.finetune.losses import AutomaticLoss, make_mask_loss
 from samtune.finetune.optim import build_optimizer, build_scheduler
 from samtune.finetune.recipe import Recipe, dump_recipe
 from samtune.finetune.reporting import baseline_summary, json_ready, print_results, write_per_case
+from samtune.finetune.resume import DataOrder, check_same_recipe, find_state, load_state, restore_rng_states, save_state
 from samtune.finetune.runtime import (
     autocast, build_base_model, check_writable, image_size_of, model_family, resolve_device, seed_everything,
 )  # fmt: skip
@@ -80,11 +82,12 @@ def train_step(model, family, batch: dict, recipe: Recipe, optimizer, use_box: b
     return loss
 
 
-def _loader(dataset, recipe: Recipe, collate, seed: int):
-    """Batches of ``dataset`` drawn with replacement, enough for every step, in a seeded order."""
-    sampler = RandomSampler(dataset, replacement=True, num_samples=recipe.train.steps * recipe.train.accumulate * recipe.train.batch_size,
-                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    return iter(DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collate,
+def _loader(dataset, recipe: Recipe, collate, seed: int, served: int = 0):
+    """Batches of ``dataset`` drawn with replacement, enough for every step, in a seeded order
+    (``DataOrder``: RandomSampler's draws); ``served``: batches already used (a resumed run)."""
+    total = recipe.train.steps * recipe.train.accumulate * recipe.train.batch_size
+    order = DataOrder(len(dataset), total, seed, served * recipe.train.batch_size)
+    return iter(DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=order, collate_fn=collate,
                            num_workers=recipe.train.num_workers, drop_last=True))  # fmt: skip
 
 
@@ -98,10 +101,17 @@ def _class_weights(recipe: Recipe, space) -> torch.Tensor | None:
     return torch.tensor([float(weights.get(n, 1.0)) for n in space.names])
 
 
-def train(recipe: Recipe) -> dict:
-    """Run one fine-tuning; returns the final metrics (also written to ``metrics.json``)."""
+def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool = False) -> dict:
+    """Run one fine-tuning; returns the final metrics (also written to ``metrics.json``).
+    ``resume``: "latest" (``<output.dir>/states``' newest) or a state or run folder: continue
+    exactly where that state was written (``samtune.finetune.resume``)."""
     out = check_writable(recipe.output.dir)
     recipe_yaml = dump_recipe(recipe)
+    state_dir = None
+    if resume is not None:
+        state_dir = find_state(out, resume)
+        check_same_recipe((state_dir / "recipe.yaml").read_text(), recipe_yaml, state_dir, resume_force)
+        log.info("resuming from %s", state_dir)
     write_atomic(out / "recipe.yaml", recipe_yaml)
     seed_everything(recipe.seed)
     device = resolve_device(recipe.train.device)
@@ -136,8 +146,9 @@ def train(recipe: Recipe) -> dict:
     def run_eval(desc: str) -> dict:
         return evaluate_with_recipe(model, family, data, recipe, device, desc)
 
-    baseline = run_eval("eval (before)")
-    log.info("before fine-tuning: %s mIoU %.4f", baseline["headline"], baseline["miou"])
+    if state_dir is None:
+        baseline = run_eval("eval (before)")
+        log.info("before fine-tuning: %s mIoU %.4f", baseline["headline"], baseline["miou"])
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, recipe.train)
@@ -146,23 +157,37 @@ def train(recipe: Recipe) -> dict:
     click_generator = torch.Generator(device=device).manual_seed(recipe.seed + 1)
     prompt_rng = np.random.default_rng(recipe.seed)
     task_rng = np.random.default_rng([recipe.seed, 7])
-    prompted = _loader(data.train, recipe, S.collate_samples, recipe.seed) if data.train is not None else None
+    generators = {"clicks": click_generator, "prompt": prompt_rng, "task": task_rng}
+    loop = {"best": {"miou": -math.inf, "step": 0}, "history": [], "below_baseline": [], "stale": 0,
+            "last_good": "no checkpoint was written yet", "served": {"prompted": 0, "automatic": 0}, "draws": 0}  # fmt: skip
+    start = 1
+    if state_dir is not None:  # weights, optimiser, scheduler now; random states once the loaders exist
+        start_step, loop, rng_json, rng_tensors = load_state(state_dir, model, optimizer, scheduler)
+        start, baseline, metrics = start_step + 1, loop["baseline"], loop["metrics"]
+    served = loop["served"]
+    prompted = _loader(data.train, recipe, S.collate_samples, recipe.seed, served["prompted"]) if data.train is not None else None
     automatic = None
     if data.train_semantic is not None:
-        automatic = _loader(data.train_semantic, recipe, collate_semantic, recipe.seed + 2)
+        automatic = _loader(data.train_semantic, recipe, collate_semantic, recipe.seed + 2, served["automatic"])
         auto_loss_fn = AutomaticLoss(recipe.loss.dice_weight, recipe.loss.focal_weight, _class_weights(recipe, data.space)).to(device)
+    if state_dir is not None:
+        if data.train is not None:
+            data.train.restore_draws(loop["draws"])
+        restore_rng_states(rng_json, rng_tensors, generators)
+    else:
+        metrics = baseline
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tensorboard"))
-    best = {"miou": -math.inf, "step": 0}
-    history, below_baseline, stopped_early = [], [], None
-    metrics, last_good, stale = baseline, "no checkpoint was written yet", 0
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if state_dir is not None else None)
+    best, history, below_baseline = loop["best"], loop["history"], loop["below_baseline"]
+    last_good, stale, stopped_early = loop["last_good"], loop["stale"], None
     started = time.perf_counter()
     model.train()
     steps, accumulate = recipe.train.steps, recipe.train.accumulate
+    save_every = recipe.train.save_every or recipe.train.eval_every
     interactive = sys.stderr.isatty()  # a log file gets a line every log_every steps, not redrawn bars
-    progress = tqdm(range(1, steps + 1), desc="train", unit="step", disable=not interactive)
+    progress = tqdm(range(start, steps + 1), desc="train", unit="step", disable=not interactive, initial=start - 1, total=steps)
     for step in progress:
         auto = prompted is None or (automatic is not None and task_rng.random() < recipe.automatic.ratio)
         path = "automatic" if auto else "prompted"
@@ -171,6 +196,7 @@ def train(recipe: Recipe) -> dict:
         loss_value = 0.0
         for _ in range(accumulate):  # gradients of `accumulate` batches summed, each scaled by 1/accumulate
             batch = {k: (v.to(device) if k != S.META else v) for k, v in next(automatic if auto else prompted).items()}
+            served[path] += 1
             if auto:
                 loss = automatic_loss(model, family, batch, recipe, auto_loss_fn)
             else:
@@ -223,6 +249,11 @@ def train(recipe: Recipe) -> dict:
                 stopped_early = {"step": step, "patience": patience, "best_step": best["step"]}
                 log.info("early stop at step %d: no better %s mIoU for %d evaluations (best %.4f @ %d)", step, metrics["headline"], patience, best["miou"], best["step"])
                 break
+        if step % save_every == 0 and step < steps:
+            loop.update(best=best, history=history, below_baseline=below_baseline, stale=stale, last_good=last_good,
+                        served=served, draws=data.train.draws if data.train is not None else 0,
+                        baseline=json_ready(baseline), metrics=json_ready(metrics))  # fmt: skip
+            save_state(out, step, model, optimizer, scheduler, loop, generators, recipe_yaml, recipe.train.keep_states)
     progress.close()
     writer.flush()
     writer.close()
