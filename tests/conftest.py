@@ -165,3 +165,40 @@ def official_cityscapes_args():
     official evaluator (cityscapesscripts' evalPixelLevelSemanticLabeling ``ev``) reads, set up
     for a quiet, pixel-level-only run."""
     return _official_args
+
+
+def _same_as_official(ours: dict, theirs: dict, ev) -> list[str]:
+    """Assert that a ConfusionAccumulator result equals the official evaluator's: per-class IoU to
+    1e-6 (NaN on both sides where the official is NaN), TP/FP/FN from its labelId confusion
+    matrix, the class mean and the pixel accuracy. Returns the classes that are NaN."""
+    import math
+
+    from samtune.datasets.cityscapes import CLASS_NAMES, TRAIN_CLASSES
+
+    conf = np.asarray(theirs["confMatrix"], dtype=np.int64)  # labelIds 0..33, rows ground truth
+    evaluated = [label.id for label in ev.labels if label.id >= 0 and not label.ignoreInEval]
+    assert sorted(evaluated) == sorted(lid for _, lid in TRAIN_CLASSES)
+    assert list(ours["per_class"]) == list(CLASS_NAMES.values())  # the official names ("traffic light", ...)
+    nan_classes = []
+    for name in CLASS_NAMES.values():
+        official, got = theirs["classScores"][name], ours["per_class"][name]
+        if math.isnan(official):
+            assert math.isnan(got["iou"]), name
+            nan_classes.append(name)
+        else:
+            assert got["iou"] == pytest.approx(official, abs=1e-6), name
+        lid = ev.name2label[name].id
+        tp = int(conf[lid, lid])
+        fn = int(conf[lid].sum()) - tp
+        fp = int(conf[[e for e in evaluated if e != lid], lid].sum())
+        assert (got["tp"], got["fp"], got["fn"]) == (tp, fp, fn), name
+    assert ours["miou"] == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
+    kept = conf[evaluated]
+    assert ours["pixel_accuracy"] == pytest.approx(kept[:, evaluated].trace() / kept.sum(), abs=1e-9)
+    return nan_classes
+
+
+@pytest.fixture(scope="session")
+def same_as_official():
+    """``same_as_official(ours, theirs, ev)``: our semantic scores against cityscapesScripts'."""
+    return _same_as_official
