@@ -90,7 +90,7 @@ class TrainSection(_Section):
     save_every: Optional[int] = Field(None, ge=1, description="write the training state for `samtune train --resume` every N steps (`<output.dir>/states/`; default: at every evaluation)")
     keep_states: int = Field(2, ge=1, description="training states kept (the newest); `checkpoints/best` and `last` are kept apart")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    device: str = Field("auto", description="`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`")
+    device: str = Field("auto", description="`auto` (CUDA, else Apple's `mps`, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`")
 
 
 class PromptsSection(_Section):

@@ -19,10 +19,14 @@ from samtune.finetune.recipe import Recipe
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # CUDA, else Apple's Metal (mps), else the CPU
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SamtuneError(f"train.device={name!r}: CUDA is not available on this machine; use auto or cpu.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SamtuneError("train.device='mps': Apple's Metal backend is not available here (macOS with Apple silicon only); use auto or cpu.")
     try:
         return torch.device(name)
     except RuntimeError:

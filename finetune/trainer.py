@@ -188,6 +188,7 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
     save_every = recipe.train.save_every or recipe.train.eval_every
     interactive = sys.stderr.isatty()  # a log file gets a line every log_every steps, not redrawn bars
     progress = tqdm(range(start, steps + 1), desc="train", unit="step", disable=not interactive, initial=start - 1, total=steps)
+    masks, window_start = 0, time.perf_counter()  # masks trained since the last log line, for masks/s
     for step in progress:
         auto = prompted is None or (automatic is not None and task_rng.random() < recipe.automatic.ratio)
         path = "automatic" if auto else "prompted"
@@ -197,6 +198,7 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
         for _ in range(accumulate):  # gradients of `accumulate` batches summed, each scaled by 1/accumulate
             batch = {k: (v.to(device) if k != S.META else v) for k, v in next(automatic if auto else prompted).items()}
             served[path] += 1
+            masks += batch[SEM.LABELS].shape[0] * len(data.space.ids) if auto else batch[S.MASKS].shape[0] * batch[S.MASKS].shape[1]
             if auto:
                 loss = automatic_loss(model, family, batch, recipe, auto_loss_fn)
             else:
@@ -217,6 +219,10 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
                 writer.add_scalar(f"train/lr_{group['name']}", lr, step)
             if recipe.train.clip_grad_norm is not None:
                 writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+            now = time.perf_counter()
+            writer.add_scalar("train/masks_per_s", masks / max(now - window_start, 1e-9), step)
+            masks, window_start = 0, now
+            writer.add_scalar("train/peak_memory_gb", peak_memory_gb(device), step)
             if not interactive:
                 log.info("%s", progress_line(step, steps, loss_value, path, scheduler.get_last_lr()[0], time.perf_counter() - started))
         if step % recipe.train.eval_every == 0 or step == steps:
@@ -293,3 +299,12 @@ def check_finite_weights(model, step: int, last_good: str) -> None:
     for name, param in model.named_parameters():
         if param.requires_grad and not torch.isfinite(param).all():
             raise SamtuneError(f"weights became non-finite at step {step} ({name}); nothing was saved from this step; {last_good}. Lower train.lr or set train.clip_grad_norm.")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated by torch on a CUDA device, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

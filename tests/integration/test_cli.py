@@ -57,7 +57,14 @@ def test_train_writes_exactly_the_documented_files(ct_run):
     assert sorted(p.name for p in (run / "states").iterdir()) == ["step_000012"]
     assert sorted(p.name for p in (run / "states" / "step_000012").iterdir()) == [
         "optimizer.pt", "recipe.yaml", "rng.safetensors", "state.json", "trainable.safetensors"]
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss_prompted", "train/lr_lora", "train/lr_modules", "train/masks_per_s", "train/peak_memory_gb",
+            "val_prompted/miou", "val_prompted_iou/liver"} <= tags, tags  # fmt: skip
+    assert all(e.value > 0 for e in events.Scalars("train/masks_per_s"))
     metrics = json.loads((run / "metrics.json").read_text())
     prompted = metrics["prompted"]  # task: promptable (default): no semantic part
     assert "semantic" not in metrics and metrics["headline"] == "prompted" and metrics["miou"] == prompted["miou"]

@@ -38,3 +38,11 @@ def test_cuda_device_without_cuda_is_named():
         pytest.skip("this machine has CUDA")
     with pytest.raises(SamtuneError, match="train.device='cuda'"):
         resolve_device("cuda")
+
+
+def test_mps_is_refused_clearly_where_apple_metal_is_missing(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SamtuneError, match="train.device='mps'.*use auto or cpu"):
+        resolve_device("mps")
