@@ -1,6 +1,9 @@
 """One LoRA training step of SAM (the trainer's hot path, `run_rounds` + AdamW): time and peak
 GPU memory for float32 vs bfloat16 autocast, with and without gradient checkpointing, side by side
-in one run. Random weights and data: cost depends on shapes, not values.
+in one run, and the model FLOPs utilisation (MFU): the FLOPs of one step (forward + backward,
+counted by ``torch.utils.flop_counter``; recomputation under checkpointing is not counted) per
+second, over the GPU's dense bf16 peak from its name (``PEAK_BF16``). Random weights and data:
+cost depends on shapes, not values.
 
     python benchmarks/train_step.py --device cuda --variant vit_b --image-size 1024 --batch 4
 """
@@ -25,6 +28,38 @@ from samtune.datasets import sample as S  # noqa: E402
 from samtune.finetune.interaction import run_rounds  # noqa: E402
 from samtune.finetune.recipe import LoraSection, PromptsSection  # noqa: E402
 from samtune.finetune.losses import make_mask_loss  # noqa: E402
+
+
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets; the first name
+# contained in torch.cuda.get_device_name() wins (so "H100 PCIe" before "H100").
+PEAK_BF16 = {
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+    "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12,
+}  # fmt: skip
+
+
+def peak_flops(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def count_flops(args) -> float:
+    """FLOPs of one training step (forward and backward of the prompt rounds; float32)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    config = sam_config(args.variant, args.image_size)
+    model = prepare_trainable(SamModel(config), family_of("sam-vit-base"), "lora", LoraSection()).to(args.device).train()
+    batch = make_batch(args.batch, args.per_image, args.image_size, args.device)
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    with FlopCounterMode(display=False) as counter:
+        _, loss = run_rounds(model, family_of("sam-vit-base"), batch, PromptsSection(corrective_rounds=args.corrective_rounds),
+                             args.image_size, True, generator, make_mask_loss(1.0, 20.0), 1.0)  # fmt: skip
+        loss.backward()
+    del model
+    return float(counter.get_total_flops())
 
 
 def make_batch(batch: int, per_image: int, size: int, device: str) -> dict:
@@ -95,18 +130,27 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-flops", action="store_true", help="skip counting FLOPs (one extra step)")
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     print(f"{args.variant} LoRA (encoder_qkv, rank 4) training step, batch {args.batch} × {args.per_image} prompts "
           f"@ {args.image_size} px, {args.corrective_rounds} corrective rounds; torch {torch.__version__}, {where}")
-    print(f"{'precision':<10} {'checkpointing':<14} {'s/step':>8} {'images/s':>9} {'peak GiB':>9} {'loss':>8}")
-    results = []
+    flops = None if args.no_flops else count_flops(args)
+    peak = peak_flops(args.device)
+    if flops is not None:
+        where_peak = f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else "peak unknown for this device: no MFU"
+        print(f"one step = {flops / 1e12:.3f} TFLOP (forward + backward, torch.utils.flop_counter); {where_peak}")
+    print(f"{'precision':<10} {'checkpointing':<14} {'s/step':>8} {'images/s':>9} {'peak GiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'loss':>8}")
+    results = [f"tflop_per_step={flops / 1e12:.3f}"] if flops is not None else []
     for precision in ("fp32", "bf16"):
         for checkpointing in (False, True):
-            seconds, peak, loss = measure(args, precision, checkpointing)
-            print(f"{precision:<10} {str(checkpointing):<14} {seconds:>8.4f} {args.batch / seconds:>9.1f} {peak:>9.2f} {loss:>8.4f}")
-            results.append(f"{precision}{'_ckpt' if checkpointing else ''}_s_per_step={seconds:.4f}")
-            results.append(f"{precision}{'_ckpt' if checkpointing else ''}_peak_gib={peak:.2f}")
+            seconds, peak_gib, loss = measure(args, precision, checkpointing)
+            rate = flops / seconds / 1e12 if flops is not None else float("nan")
+            mfu = flops / seconds / peak if flops is not None and peak else float("nan")
+            print(f"{precision:<10} {str(checkpointing):<14} {seconds:>8.4f} {args.batch / seconds:>9.1f} {peak_gib:>9.2f} "
+                  f"{rate:>8.1f} {mfu:>6.1%} {loss:>8.4f}")  # fmt: skip
+            tag = f"{precision}{'_ckpt' if checkpointing else ''}"
+            results += [f"{tag}_s_per_step={seconds:.4f}", f"{tag}_peak_gib={peak_gib:.2f}", f"{tag}_mfu={mfu:.3f}"]
     print("RESULT " + " ".join(results))
 
 
