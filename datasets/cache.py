@@ -176,6 +176,26 @@ def _clean_stale(cache_dir: Path) -> None:
             pass
 
 
+def prune_slice_cache(cache_dir: Path, sources: Sequence) -> list[Path]:
+    """``samtune cache --prune``: remove temporary leftovers of killed builds (``_clean_stale``) and
+    the entries of the given sources' cases that no longer match (an older key of the same case:
+    its files or settings changed); entries of other datasets sharing the folder stay. Returns the
+    entries removed."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    _clean_stale(cache_dir)
+    current = {c.folder.resolve() for src in sources for c in getattr(src, "cases", []) if c.folder is not None}
+    names = {_entry(cache_dir, c.name, "").name for src in sources for c in getattr(src, "cases", [])}  # "<safe name>-"
+    removed = []
+    for entry in sorted(cache_dir.iterdir()):
+        m = re.fullmatch(r"(.+-)[0-9a-f]{24}", entry.name)
+        if entry.is_dir() and m and m.group(1) in names and entry.resolve() not in current:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def prepare_cases(
     cases: Sequence[CaseFiles],
     settings: VolumeSettings,

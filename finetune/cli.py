@@ -115,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--out", type=Path, default=None, help="JSON report to write (default: OUTPUT/inspect.json)")
 
+    p = sub.add_parser(
+        "cache",
+        help="build the decoder_only embedding cache ahead of training, or --prune stale caches",
+        description="Encode every training image of the recipe once with the frozen image encoder and store the "
+        "embeddings, float16 and memory-mapped, in <cache dir>/embeddings-<key>/ (data.cache_dir, default "
+        "<data.root>/.samtune_cache), as `samtune train` does with train.mode=decoder_only train.embedding_cache=true; "
+        "prints where, how many entries and the size. --prune instead removes stale caches: embedding caches of this "
+        "dataset and model whose key no longer matches (other weights, image size, split or files), and the NIfTI "
+        "slice cache's entries and leftovers that no longer match.",
+    )
+    _add_recipe_args(p)
+    p.add_argument("--prune", action="store_true", help="remove stale caches instead of building")
+
     sub.add_parser("recipe-keys", help="print every recipe key with its default and meaning (Markdown)")
     return parser
 
@@ -159,6 +172,17 @@ def _run(args: argparse.Namespace) -> int:
         from samtune.finetune.inspection import run_inspect
 
         return run_inspect(recipe, args.out)
+    if args.command == "cache":
+        from samtune.finetune.embedding_cache import run_cache
+
+        done = run_cache(recipe, prune_stale=args.prune, progress=not args.quiet)
+        if args.prune:
+            for path in done["removed"]:
+                print(f"removed {path}")
+            print(f"{len(done['removed'])} stale caches removed; kept {', '.join(done['kept']) or 'none'}")
+        for c in done.get("caches", []):
+            print(f"{c['folder']}: {c['entries']} of {c['images']} images cached, {c['mb']:.1f} MB")
+        return 0
     if args.command == "validate":
         print(dump_recipe(recipe), end="")
         root = Path(recipe.data.root)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from samtune.adapters.family import ModelFamily
+from samtune.adapters.family import ImageEmbeddings, ModelFamily
 from samtune.datasets import sample as S
 from samtune.datasets.prompts import sample_error_clicks
 from samtune.finetune.recipe import PromptsSection
@@ -50,12 +50,16 @@ def run_rounds(
     generator: torch.Generator,
     mask_loss=None,
     iou_weight: float = 0.0,
+    embeddings: ImageEmbeddings | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Returns the chosen S×S logits of every round ((B·P)×1×S×S each) and, when ``mask_loss``
-    (reduction="none") is given, the loss averaged over rounds."""
+    (reduction="none") is given, the loss averaged over rounds. ``embeddings``: the batch's image
+    embeddings (one row per image) when already known (the embedding cache); else the encoder runs."""
     device = batch[S.IMAGE].device
     per_image = batch[S.MASKS].shape[1]
-    embeddings = family.encode_images(model, batch[S.IMAGE]).repeat_interleave(per_image)
+    if embeddings is None:
+        embeddings = family.encode_images(model, batch[S.IMAGE])
+    embeddings = embeddings.repeat_interleave(per_image)
     target = batch[S.MASKS].flatten(0, 1)[:, None]  # N×1×S×S
     target_bool = target[:, 0] > 0.5
     valid = valid_region(batch[S.META], per_image, image_size, device)

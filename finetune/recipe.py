@@ -71,6 +71,7 @@ class AdapterSection(_Section):
 
 class TrainSection(_Section):
     mode: Literal[TRAIN_MODES] = Field("lora", description="`lora`: frozen encoders + LoRA + trained mask decoder; `decoder_only`: frozen encoders, mask decoder trained; `full`: every weight trained")
+    embedding_cache: bool = Field(False, description="`decoder_only`: compute each training image's embedding once, float16 on disk (`<cache dir>/embeddings-<key>/`, `samtune cache`), and reuse it at every step instead of running the frozen encoder; not with `augment:`")
     gradient_checkpointing: bool = Field(False, description="recompute image-encoder block activations in the backward pass: less memory, more time (figures in the README)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast the forward passes to bfloat16 (GPUs from Ampere on; weights and optimiser stay float32)")
     steps: int = Field(500, ge=1, description="optimiser steps")
@@ -173,6 +174,16 @@ class Recipe(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
+    @model_validator(mode="after")
+    def _embedding_cache_usable(self):
+        if self.train.embedding_cache and self.train.mode != "decoder_only":
+            raise ValueError(f"train.embedding_cache=true needs train.mode=decoder_only (now {self.train.mode!r}): only a frozen "
+                             "image encoder without LoRA gives an image the same embedding at every step")  # fmt: skip
+        if self.train.embedding_cache and self.augment:
+            raise ValueError("train.embedding_cache=true cannot be combined with augment: (non-empty): augmentations change "
+                             "the pixels at every step, so a cached embedding would be wrong; remove augment or set train.embedding_cache=false")  # fmt: skip
+        return self
+
 
 def apply_overrides(raw: dict, overrides: list[str], source: str = "command line") -> dict:
     """Set ``key.path=value`` pairs on a nested dict; values are parsed as YAML scalars/lists."""
@@ -244,6 +255,8 @@ def _format_error(err: dict) -> str:
     if err["type"] == "union_tag_invalid":
         tag = str(err.get("ctx", {}).get("tag"))
         return f"`{path}.kind` = {tag!r}: unknown data format; {did_you_mean(tag, all_formats())}(one of: {', '.join(all_formats())})"
+    if not loc and err["type"] == "value_error":  # a rule across sections: the message names the keys
+        return str(err.get("ctx", {}).get("error") or err["msg"])
     shown = err.get("input")
     shown = repr(shown) if not isinstance(shown, dict) else "{...}"
     return f"`{path}` = {shown}: {err['msg']}"

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from samtune import SamtuneError
+from samtune.adapters.family import ImageEmbeddings
 from samtune.adapters.lora import count_parameters, prepare_trainable
 from samtune.datasets import sample as S
 from samtune.datasets import semantic as SEM
@@ -47,19 +48,31 @@ def evaluate_with_recipe(model, family, data, recipe: Recipe, device: torch.devi
         return evaluate_all(model, family, data, recipe, device, desc, predictions)
 
 
-def prompted_loss(model, family, batch: dict, recipe: Recipe, use_box: bool, click_generator, loss_fn) -> torch.Tensor:
+def prompted_loss(model, family, batch: dict, recipe: Recipe, use_box: bool, click_generator, loss_fn, embeddings=None) -> torch.Tensor:
     """The prompted path's loss on a batch already on the model's device: prompt rounds, then
-    Dice + focal (+ IoU head) averaged over rounds."""
+    Dice + focal (+ IoU head) averaged over rounds. ``embeddings``: the batch's cached image
+    embeddings (``train.embedding_cache``), else the encoder runs."""
     with autocast(batch[S.IMAGE].device, recipe.train.precision):
-        _, loss = run_rounds(model, family, batch, recipe.prompts, batch[S.IMAGE].shape[-1], use_box, click_generator, loss_fn, recipe.loss.iou_weight)
+        _, loss = run_rounds(model, family, batch, recipe.prompts, batch[S.IMAGE].shape[-1], use_box, click_generator, loss_fn,
+                             recipe.loss.iou_weight, embeddings=embeddings)  # fmt: skip
     return loss
 
 
-def automatic_loss(model, family, batch: dict, recipe: Recipe, loss_fn) -> torch.Tensor:
+def automatic_loss(model, family, batch: dict, recipe: Recipe, loss_fn, embeddings=None) -> torch.Tensor:
     """The automatic path's loss: every class prompt on every image of the batch."""
     with autocast(batch[SEM.IMAGE].device, recipe.train.precision):
-        logits = class_logits(model, family, batch[SEM.IMAGE])
+        logits = class_logits(model, family, batch[SEM.IMAGE], embeddings=embeddings)
     return loss_fn(logits, batch[SEM.LABELS])
+
+
+def cached_embeddings(caches: dict, dataset, batch: dict, device: torch.device) -> ImageEmbeddings | None:
+    """The batch's image embeddings from the embedding cache of ``dataset``'s source (by each
+    sample's ``meta["index"]``); None without a cache or when an entry is missing (the encoder runs)."""
+    cache = caches.get(id(dataset.source)) if caches else None
+    if cache is None:
+        return None
+    rows = cache.get([m["index"] for m in batch[S.META]], device)
+    return None if rows is None else ImageEmbeddings(rows)
 
 
 def check_finite(loss: torch.Tensor, step: int, path: str, recipe: Recipe, last_good: str = "") -> None:
@@ -164,6 +177,11 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
     if state_dir is not None:  # weights, optimiser, scheduler now; random states once the loaders exist
         start_step, loop, rng_json, rng_tensors = load_state(state_dir, model, optimizer, scheduler)
         start, baseline, metrics = start_step + 1, loop["baseline"], loop["metrics"]
+    caches = {}
+    if recipe.train.embedding_cache:  # decoder_only: the frozen encoder's output of each training image, once
+        from samtune.finetune.embedding_cache import build_caches
+
+        caches = build_caches(recipe, family, model, data, device, progress=sys.stderr.isatty())
     served = loop["served"]
     prompted = _loader(data.train, recipe, S.collate_samples, recipe.seed, served["prompted"]) if data.train is not None else None
     automatic = None
@@ -199,10 +217,11 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
             batch = {k: (v.to(device) if k != S.META else v) for k, v in next(automatic if auto else prompted).items()}
             served[path] += 1
             masks += batch[SEM.LABELS].shape[0] * len(data.space.ids) if auto else batch[S.MASKS].shape[0] * batch[S.MASKS].shape[1]
+            embeddings = cached_embeddings(caches, data.train_semantic if auto else data.train, batch, device)
             if auto:
-                loss = automatic_loss(model, family, batch, recipe, auto_loss_fn)
+                loss = automatic_loss(model, family, batch, recipe, auto_loss_fn, embeddings)
             else:
-                loss = prompted_loss(model, family, batch, recipe, use_box, click_generator, loss_fn)
+                loss = prompted_loss(model, family, batch, recipe, use_box, click_generator, loss_fn, embeddings)
             check_finite(loss, step, path, recipe, last_good)
             (loss / accumulate).backward()
             loss_value += loss.item() / accumulate
