@@ -7,6 +7,7 @@ trainer never probe a source with ``hasattr`` and nothing is set on a source fro
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,11 +61,11 @@ class LabelSpace:
         return np.asarray([*self.file_values(), self.file_background], dtype=np.int64)[index_map]
 
 
-class SliceSource:
+class SliceSource(ABC):
     """A list of 2D images with label maps (class ids; ``ignore_index`` never counts).
 
-    Subclasses set ``class_names`` and implement ``__len__``, ``item_id``, ``load`` and
-    ``slice_classes``; volumetric sources also set ``volumetric = True`` and implement
+    Subclasses set ``class_names`` and implement ``__len__``, ``item_id`` and ``load`` (and
+    ``slice_classes`` from an index where they have one); volumetric sources also set ``volumetric = True`` and implement
     ``slice_position`` and ``case_volume``. ``skipped`` lists the bad cases left out while
     building the source (``data.on_bad_case: skip``), as ``{"case", "file", "problem"}``.
     """
@@ -75,20 +76,23 @@ class SliceSource:
     has_labels: bool = True  # False: images opened for prediction; every label map is background
     skipped: list[dict]
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
+    @abstractmethod
     def item_id(self, index: int) -> str:
         """A readable name: the image stem, or ``case/z012`` for a slice."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """H×W×3 uint8 RGB (or H×W uint8 grey: CT/MR slices) and the H×W label map."""
-        raise NotImplementedError
 
     def slice_classes(self, index: int) -> dict[int, int]:
-        """Class id -> pixels in this image, without reading the image."""
-        raise NotImplementedError
+        """Class id -> pixels in this image (ignored pixels not counted). Formats override this
+        with counts indexed when the source was built, so prompted datasets never read the image;
+        this default reads the label."""
+        counts = np.bincount(np.asarray(self.load(index)[1]).ravel())
+        return {int(c): int(counts[c]) for c in np.flatnonzero(counts) if c != self.ignore_index}
 
     def label_space(self, class_ids: list[int]) -> LabelSpace:
         """The automatic model's classes (the given ids of ``class_names``); formats whose files hold

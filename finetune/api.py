@@ -90,9 +90,9 @@ def evaluate(recipe: Recipe, checkpoint: str | Path, out: str | Path | None = No
     if recipe.task != "promptable" and not has_class_prompts(model):
         raise SamtuneError(f"task={recipe.task!r}: checkpoint {checkpoint} has no class prompts (it was trained with task: promptable); evaluate it with task=promptable.")
     data = build_datasets(recipe, family.make_transform(image_size_of(recipe)), training=False)
-    space = read_classes(checkpoint_folder(Path(checkpoint)))
-    if data.space is not None and space and space["label_space"]["ids"] != data.space.ids:
-        raise SamtuneError(f"--checkpoint {checkpoint}: its class prompts are for class ids {space['label_space']['ids']}, the data has {data.space.ids}; evaluate on data with the same classes (data.classes).")
+    saved = read_classes(checkpoint_folder(Path(checkpoint)))
+    if data.space is not None and saved and saved["label_space"]["ids"] != data.space.ids:
+        raise SamtuneError(f"--checkpoint {checkpoint}: its class prompts are for class ids {saved['label_space']['ids']}, the data has {data.space.ids}; evaluate on data with the same classes (data.classes).")
     predictions = out_path.parent / "predictions" if recipe.eval.save_predictions else None
     metrics = evaluate_with_recipe(model, family, data, recipe, device, predictions=predictions)
     if predictions is not None and "semantic" in metrics and "label_volumes" in metrics["semantic"]:

@@ -60,3 +60,9 @@ def test_label_space_maps_indexes_to_source_and_file_values_and_round_trips():
     assert city.background_id == 255 and city.file_background == 0  # no background class: void
     assert city.to_file_ids(np.array([0, 13, 19])).tolist() == [TRAIN_CLASSES[0][1], TRAIN_CLASSES[13][1], 0]
     assert city.to_source_ids(np.array([0, 19])).tolist() == [0, 255]
+
+
+def test_a_source_without_an_index_counts_classes_from_its_label():
+    source = TwoImages()
+    assert source.slice_classes(0) == {0: 24 * 16, 1: 32 * 16, 5: 32 * 16, 7: 24 * 16}  # 255 not counted
+    assert source.slice_classes(1) == {0: 32 * 64}
