@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from samtune import SamtuneError
@@ -25,6 +25,7 @@ from samtune.adapters.family import CLASS_PROMPTS, ModelFamily
 from samtune.datasets import semantic as SEM
 from samtune.datasets.semantic import SemanticDataset, collate_semantic
 from samtune.datasets.source import LabelSpace
+from samtune.finetune.distributed import merge_across_ranks, shard
 from samtune.finetune.label_files import write_label_png
 from samtune.finetune.semantic_metrics import ConfusionAccumulator
 from samtune.finetune.volume_metrics import SemanticVolumeAccumulator
@@ -95,7 +96,7 @@ def evaluate_semantic(
     class_names = dict(zip(space.ids, space.names))
     confusion = ConfusionAccumulator(class_names, source.ignore_index)
     volumes = SemanticVolumeAccumulator(source, class_names) if source.volumetric else None
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_semantic)
+    loader = DataLoader(Subset(dataset, shard(len(dataset), batch_size)), batch_size=batch_size, shuffle=False, collate_fn=collate_semantic)
     for batch in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):  # None: no bar when not a terminal
         metas = batch[SEM.META]
         for meta, index_map in zip(metas, predict_index_maps(model, family, batch[SEM.IMAGE].to(device), metas, threshold)):
@@ -106,6 +107,7 @@ def evaluate_semantic(
             elif predictions is not None:
                 write_label_png(space.to_file_ids(index_map), predictions / source.prediction_name(meta["index"]))
     model.train(was_training)
+    merge_across_ranks(confusion, *([volumes] if volumes is not None else []))
     metrics = confusion.result()
     metrics.pop("confusion", None)
     if volumes is not None:

@@ -3,7 +3,8 @@
 - ``prompted``: prompts from the ground truth, per-class IoU/Dice at the original resolution after
   the initial prompt and after every corrective round. The first prompt is the box when
   ``prompts.box_probability >= 0.5``, else the points; the box is tight unless
-  ``eval.box_jitter_px`` (jitter seeded by the sample index); corrective clicks seeded by ``seed``.
+  ``eval.box_jitter_px`` (jitter seeded by the sample index); corrective clicks seeded by ``seed``
+  and the batch number (``eval.batch_size`` therefore matters when ``prompts.corrective_rounds > 0``).
 - ``semantic`` (task automatic/both): full label maps from the class prompts on every validation
   pixel (``samtune.finetune.automatic``).
 
@@ -13,12 +14,13 @@ Each part carries its ``protocol`` in metrics.json; ``headline`` names the part 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from samtune.adapters.family import ModelFamily
 from samtune.datasets import sample as S
 from samtune.datasets.prompted import PromptedDataset
+from samtune.finetune.distributed import merge_across_ranks, shard
 from samtune.finetune.interaction import run_rounds, total_rounds
 from samtune.finetune.metrics import ClassIoUAccumulator
 from samtune.finetune.recipe import Recipe
@@ -72,13 +74,18 @@ def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recip
     model.eval()
     use_box = uses_box(recipe)
     rounds = total_rounds(recipe.prompts)
-    loader = DataLoader(dataset, batch_size=recipe.eval.batch_size, shuffle=False, collate_fn=S.collate_samples)
+    batch_size = recipe.eval.batch_size
+    items = shard(len(dataset), batch_size)  # this rank's whole batches (all of them with one process)
+    loader = DataLoader(Subset(dataset, items), batch_size=batch_size, shuffle=False, collate_fn=S.collate_samples)
     accumulators = [ClassIoUAccumulator() for _ in range(rounds)]
     volumes = None  # volumetric sources with every slice evaluated: per-case 3D metrics in mm
     if dataset.source.volumetric and not dataset.is_subset:
         volumes = VolumeMetricAccumulator(dataset.source, dataset.class_names)
-    generator = torch.Generator(device=device).manual_seed(recipe.seed)  # corrective clicks: the same on every evaluation
-    for batch in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):  # None: no bar when not a terminal
+    generator = torch.Generator(device=device)
+    first_batch = items.start // batch_size
+    for number, batch in enumerate(tqdm(loader, desc=desc, leave=False, unit="batch", disable=None), first_batch):  # None: no bar when not a terminal
+        # corrective clicks seeded per batch: the same on every evaluation and on any number of ranks
+        generator.manual_seed(recipe.seed * 1_000_003 + number)
         batch = {k: (v.to(device) if k != S.META else v) for k, v in batch.items()}
         outputs, _ = run_rounds(model, family, batch, recipe.prompts, dataset.image_size, use_box, generator)
         for round_index, (round_logits, acc) in enumerate(zip(outputs, accumulators)):
@@ -89,6 +96,7 @@ def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recip
                 if volumes is not None and round_index == len(outputs) - 1:
                     volumes.add(meta["index"], meta["class_ids"][0], pred)
     model.train(was_training)
+    merge_across_ranks(*accumulators, *([volumes] if volumes is not None else []))
     results = [acc.result() for acc in accumulators]
     metrics = results[-1]
     metrics["prompt"] = "box" if use_box else "points"

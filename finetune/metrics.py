@@ -20,9 +20,13 @@ def nan_mean(values) -> float:
     return float(np.mean(kept)) if kept else math.nan
 
 
+def _zero_counts() -> np.ndarray:  # a named function, not a lambda: accumulators are pickled across ranks
+    return np.zeros(3, dtype=np.int64)
+
+
 class ClassIoUAccumulator:
     def __init__(self):
-        self.counts = defaultdict(lambda: np.zeros(3, dtype=np.int64))  # class -> TP, FP, FN
+        self.counts = defaultdict(_zero_counts)  # class -> TP, FP, FN
         self.sample_iou = defaultdict(list)
         self.sample_dice = defaultdict(list)
 
@@ -37,6 +41,15 @@ class ClassIoUAccumulator:
         if union:  # both empty: the class is absent from this sample -> excluded (no score)
             self.sample_iou[class_name].append(tp / union)
             self.sample_dice[class_name].append(2 * tp / (2 * tp + fp + fn))
+
+    def merge(self, other: ClassIoUAccumulator) -> None:
+        """Add another accumulator's counts and append its per-sample scores (another rank's shard)."""
+        for name, counts in other.counts.items():
+            self.counts[name] += counts
+        for name, values in other.sample_iou.items():
+            self.sample_iou[name].extend(values)
+        for name, values in other.sample_dice.items():
+            self.sample_dice[name].extend(values)
 
     def result(self) -> dict:
         per_class = {}

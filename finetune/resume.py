@@ -32,20 +32,25 @@ from samtune import SamtuneError
 STATES = "states"
 # recipe keys that cannot change a run's numbers: --resume-force lets them differ
 NEUTRAL_KEYS = frozenset({
-    "train.eval_every", "train.log_every", "train.save_every", "train.keep_states", "train.num_workers", "eval.batch_size",
+    "train.eval_every", "train.log_every", "train.save_every", "train.keep_states", "train.num_workers", "output.dir",
 })  # fmt: skip
 
 
 class DataOrder(Sampler):
     """The sample order of ``torch.utils.data.RandomSampler(replacement=True)`` with a seeded
     generator (same draws: chunks of 32), computed up front so that a resumed run can start at
-    any position; ``start`` skips that many samples."""
+    any position; ``start`` skips that many samples. With ``world`` > 1 processes, the draws are
+    cut into batches of ``batch_size`` and rank ``r`` takes batches r, r + world, ...: one step of
+    all ranks together trains on the draws of one world·batch_size batch of a single process."""
 
-    def __init__(self, n: int, total: int, seed: int, start: int = 0):
+    def __init__(self, n: int, total: int, seed: int, start: int = 0, batch_size: int = 1, rank: int = 0, world: int = 1):
         generator = torch.Generator().manual_seed(seed)
         order = [torch.randint(high=n, size=(32,), dtype=torch.int64, generator=generator) for _ in range(total // 32)]
         order.append(torch.randint(high=n, size=(total % 32,), dtype=torch.int64, generator=generator))
         self.order = torch.cat(order).tolist()[start:]
+        if world > 1:
+            batches = [self.order[i : i + batch_size] for i in range(0, len(self.order), batch_size)]
+            self.order = [i for batch in batches[rank::world] for i in batch]
 
     def __iter__(self):
         return iter(self.order)
@@ -139,8 +144,9 @@ def _from_json(value):
     return tuple(_from_json(v) for v in value) if isinstance(value, list) else value
 
 
-def save_state(out: Path, step: int, model, optimizer, scheduler, loop: dict, generators: dict, recipe_yaml: str, keep: int) -> Path:
-    """Write ``states/step_NNNNNN`` atomically and drop all but the newest ``keep``."""
+def save_state(out: Path, step: int, model, optimizer, scheduler, loop: dict, rank_states: list[tuple[dict, dict]], recipe_yaml: str, keep: int) -> Path:
+    """Write ``states/step_NNNNNN`` atomically and drop all but the newest ``keep``. ``rank_states``:
+    each rank's ``rng_states`` (JSON, tensors), in rank order (one entry with one process)."""
     from safetensors.torch import save_file
 
     root = Path(out) / STATES
@@ -151,10 +157,11 @@ def save_state(out: Path, step: int, model, optimizer, scheduler, loop: dict, ge
         trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        as_json, tensors = rng_states(generators)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "rng.safetensors"))
+        for rank, (_, tensors) in enumerate(rank_states):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / _rng_file(rank)))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
-        (tmp / "state.json").write_text(json.dumps({"step": step, "loop": loop, "rng": as_json}, allow_nan=True))
+        saved = {"step": step, "world_size": len(rank_states), "loop": loop, "rng": [as_json for as_json, _ in rank_states]}
+        (tmp / "state.json").write_text(json.dumps(saved, allow_nan=True))
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -169,18 +176,28 @@ def save_state(out: Path, step: int, model, optimizer, scheduler, loop: dict, ge
     return folder
 
 
-def load_state(folder: Path, model, optimizer, scheduler) -> tuple[int, dict, dict, dict]:
-    """Weights, optimiser and scheduler restored in place; returns (step, loop bookkeeping, RNG
-    states as JSON, RNG tensors) for the caller to restore once its loaders exist."""
+def _rng_file(rank: int) -> str:
+    return "rng.safetensors" if rank == 0 else f"rng_rank{rank}.safetensors"
+
+
+def load_state(folder: Path, model, optimizer, scheduler, rank: int = 0, world: int = 1) -> tuple[int, dict, dict, dict]:
+    """Weights, optimiser and scheduler restored in place; returns (step, loop bookkeeping, this
+    rank's RNG states as JSON and as tensors) for the caller to restore once its loaders exist."""
     from safetensors.torch import load_file
 
     try:
         saved = json.loads((folder / "state.json").read_text())
         trainable = load_file(str(folder / "trainable.safetensors"))
         opt = torch.load(folder / "optimizer.pt", weights_only=True)
-        tensors = load_file(str(folder / "rng.safetensors"))
+        tensors = load_file(str(folder / _rng_file(rank)))
     except (OSError, ValueError, RuntimeError) as exc:
         raise SamtuneError(f"--resume {folder}: the state cannot be read ({type(exc).__name__}: {exc}); resume from an older one in {folder.parent}.") from None
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world != world:
+        raise SamtuneError(
+            f"--resume {folder}: the state was written by {saved_world} process(es), this run has {world}; resume with the "
+            f"same number (torchrun --nproc_per_node {saved_world} ...) so that every process continues its own data order."
+        )
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in trainable]
     if missing:
@@ -190,4 +207,5 @@ def load_state(folder: Path, model, optimizer, scheduler) -> tuple[int, dict, di
             params[name].copy_(value)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    return int(saved["step"]), saved["loop"], saved["rng"], tensors
+    rng = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # states written before multi-process runs held one dict
+    return int(saved["step"]), saved["loop"], rng[rank], tensors

@@ -6,6 +6,7 @@ adapter folders), ``metrics.json`` (final model; ``baseline`` = before fine-tuni
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -33,7 +34,10 @@ from samtune.finetune.losses import AutomaticLoss, make_mask_loss
 from samtune.finetune.optim import build_optimizer, build_scheduler
 from samtune.finetune.recipe import Recipe, dump_recipe
 from samtune.finetune.reporting import baseline_summary, json_ready, print_results, write_per_case
-from samtune.finetune.resume import DataOrder, check_same_recipe, find_state, load_state, restore_rng_states, save_state
+from samtune.finetune.distributed import Ranks, gather, init_from_env, main_first, mean_across_ranks, shutdown
+from samtune.finetune.resume import (
+    DataOrder, check_same_recipe, find_state, load_state, restore_rng_states, rng_states, save_state,
+)  # fmt: skip
 from samtune.finetune.runtime import (
     autocast, build_base_model, check_writable, image_size_of, model_family, resolve_device, seed_everything,
 )  # fmt: skip
@@ -75,6 +79,32 @@ def cached_embeddings(caches: dict, dataset, batch: dict, device: torch.device) 
     return None if rows is None else ImageEmbeddings(rows)
 
 
+class StepLoss(torch.nn.Module):
+    """The loss of one micro-batch as a module's forward, so that DistributedDataParallel can wrap
+    it: DDP syncs gradients of the parameters used in a forward it ran (the family functions take
+    the model as an argument and are not a forward of their own)."""
+
+    def __init__(self, model, family, recipe: Recipe):
+        super().__init__()
+        self.model, self.family, self.recipe = model, family, recipe
+
+    def forward(self, batch: dict, auto: bool, use_box: bool, click_generator, loss_fn, embeddings=None) -> torch.Tensor:
+        if auto:
+            return automatic_loss(self.model, self.family, batch, self.recipe, loss_fn, embeddings)
+        return prompted_loss(self.model, self.family, batch, self.recipe, use_box, click_generator, loss_fn, embeddings)
+
+
+def wrap_data_parallel(step_loss: StepLoss, ranks: Ranks):
+    """DDP around the step's loss with more than one process; the module itself otherwise."""
+    if ranks.world == 1:
+        return step_loss
+    from torch.nn.parallel import DistributedDataParallel
+
+    # find_unused_parameters: a prompted step leaves the class prompts (and a box step the point
+    # embeddings) without gradient; buffers are constants (positional tables), not broadcast.
+    return DistributedDataParallel(step_loss, find_unused_parameters=True, broadcast_buffers=False)
+
+
 def check_finite(loss: torch.Tensor, step: int, path: str, recipe: Recipe, last_good: str = "") -> None:
     """Stop before a non-finite loss reaches the weights, naming the step and the last good state."""
     if not torch.isfinite(loss):
@@ -95,11 +125,13 @@ def train_step(model, family, batch: dict, recipe: Recipe, optimizer, use_box: b
     return loss
 
 
-def _loader(dataset, recipe: Recipe, collate, seed: int, served: int = 0):
+def _loader(dataset, recipe: Recipe, collate, seed: int, served: int = 0, ranks: Ranks = Ranks()):  # noqa: B008  (frozen dataclass)
     """Batches of ``dataset`` drawn with replacement, enough for every step, in a seeded order
-    (``DataOrder``: RandomSampler's draws); ``served``: batches already used (a resumed run)."""
-    total = recipe.train.steps * recipe.train.accumulate * recipe.train.batch_size
-    order = DataOrder(len(dataset), total, seed, served * recipe.train.batch_size)
+    (``DataOrder``: RandomSampler's draws; this rank's share of them); ``served``: batches this
+    rank already used (a resumed run)."""
+    batch = recipe.train.batch_size
+    total = recipe.train.steps * recipe.train.accumulate * batch * ranks.world
+    order = DataOrder(len(dataset), total, seed, served * batch * ranks.world, batch, ranks.rank, ranks.world)
     return iter(DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=order, collate_fn=collate,
                            num_workers=recipe.train.num_workers, drop_last=True))  # fmt: skip
 
@@ -117,7 +149,17 @@ def _class_weights(recipe: Recipe, space) -> torch.Tensor | None:
 def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool = False) -> dict:
     """Run one fine-tuning; returns the final metrics (also written to ``metrics.json``).
     ``resume``: "latest" (``<output.dir>/states``' newest) or a state or run folder: continue
-    exactly where that state was written (``samtune.finetune.resume``)."""
+    exactly where that state was written (``samtune.finetune.resume``). Launched by torchrun, each
+    process runs this and they train as one (``samtune.finetune.distributed``)."""
+    ranks, rank_device = init_from_env(recipe.train.device)
+    try:
+        return _train(recipe, resume, resume_force, ranks, rank_device)
+    finally:
+        if ranks.world > 1:
+            shutdown()
+
+
+def _train(recipe: Recipe, resume, resume_force: bool, ranks: Ranks, rank_device: torch.device | None) -> dict:
     out = check_writable(recipe.output.dir)
     recipe_yaml = dump_recipe(recipe)
     state_dir = None
@@ -125,15 +167,17 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
         state_dir = find_state(out, resume)
         check_same_recipe((state_dir / "recipe.yaml").read_text(), recipe_yaml, state_dir, resume_force)
         log.info("resuming from %s", state_dir)
-    write_atomic(out / "recipe.yaml", recipe_yaml)
+    if ranks.main:
+        write_atomic(out / "recipe.yaml", recipe_yaml)
     seed_everything(recipe.seed)
-    device = resolve_device(recipe.train.device)
+    device = rank_device or resolve_device(recipe.train.device)
     image_size = image_size_of(recipe)
     family = model_family(recipe)
     if recipe.train.precision == "bf16" and device.type == "cpu":
         log.warning("train.precision=bf16 on the CPU is slow on most processors; running it anyway")
 
-    data = build_datasets(recipe, family.make_transform(image_size))
+    with main_first():  # rank 0 writes demo data and slice caches, the others then read them
+        data = build_datasets(recipe, family.make_transform(image_size), progress=ranks.main)
     if data.train is not None:
         log.info("prompted: training on %d images/slices with objects; validating on %d prompted objects", len(data.train), len(data.val))
     if data.train_semantic is not None:
@@ -153,6 +197,8 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
     )
     automatic_tokens = recipe.automatic.tokens if recipe.task != "promptable" else 0
     classes = {"task": recipe.task, "tokens": automatic_tokens, "label_space": data.space.to_dict()}
+    if ranks.world > 1:  # same weights everywhere (built above from one seed); per-sample randomness per rank
+        seed_everything(recipe.seed + 1_000 * ranks.rank)
 
     # LoRA's B starts at zero, the rest at the base weights: this is the model before fine-tuning
     # (for the automatic path: the base with untrained class prompts).
@@ -167,7 +213,7 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train)
     loss_fn = make_mask_loss(recipe.loss.dice_weight, recipe.loss.focal_weight)
-    click_generator = torch.Generator(device=device).manual_seed(recipe.seed + 1)
+    click_generator = torch.Generator(device=device).manual_seed(recipe.seed + 1 + 1_000 * ranks.rank)
     prompt_rng = np.random.default_rng(recipe.seed)
     task_rng = np.random.default_rng([recipe.seed, 7])
     generators = {"clicks": click_generator, "prompt": prompt_rng, "task": task_rng}
@@ -175,18 +221,19 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
             "last_good": "no checkpoint was written yet", "served": {"prompted": 0, "automatic": 0}, "draws": 0}  # fmt: skip
     start = 1
     if state_dir is not None:  # weights, optimiser, scheduler now; random states once the loaders exist
-        start_step, loop, rng_json, rng_tensors = load_state(state_dir, model, optimizer, scheduler)
+        start_step, loop, rng_json, rng_tensors = load_state(state_dir, model, optimizer, scheduler, ranks.rank, ranks.world)
         start, baseline, metrics = start_step + 1, loop["baseline"], loop["metrics"]
     caches = {}
     if recipe.train.embedding_cache:  # decoder_only: the frozen encoder's output of each training image, once
         from samtune.finetune.embedding_cache import build_caches
 
-        caches = build_caches(recipe, family, model, data, device, progress=sys.stderr.isatty())
+        with main_first():
+            caches = build_caches(recipe, family, model, data, device, progress=sys.stderr.isatty() and ranks.main)
     served = loop["served"]
-    prompted = _loader(data.train, recipe, S.collate_samples, recipe.seed, served["prompted"]) if data.train is not None else None
+    prompted = _loader(data.train, recipe, S.collate_samples, recipe.seed, served["prompted"], ranks) if data.train is not None else None
     automatic = None
     if data.train_semantic is not None:
-        automatic = _loader(data.train_semantic, recipe, collate_semantic, recipe.seed + 2, served["automatic"])
+        automatic = _loader(data.train_semantic, recipe, collate_semantic, recipe.seed + 2, served["automatic"], ranks)
         auto_loss_fn = AutomaticLoss(recipe.loss.dice_weight, recipe.loss.focal_weight, _class_weights(recipe, data.space)).to(device)
     if state_dir is not None:
         if data.train is not None:
@@ -197,7 +244,7 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if state_dir is not None else None)
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if state_dir is not None else None) if ranks.main else _NoWriter()
     best, history, below_baseline = loop["best"], loop["history"], loop["below_baseline"]
     last_good, stale, stopped_early = loop["last_good"], loop["stale"], None
     started = time.perf_counter()
@@ -205,26 +252,31 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
     steps, accumulate = recipe.train.steps, recipe.train.accumulate
     save_every = recipe.train.save_every or recipe.train.eval_every
     interactive = sys.stderr.isatty()  # a log file gets a line every log_every steps, not redrawn bars
-    progress = tqdm(range(start, steps + 1), desc="train", unit="step", disable=not interactive, initial=start - 1, total=steps)
+    progress = tqdm(range(start, steps + 1), desc="train", unit="step", disable=not (interactive and ranks.main), initial=start - 1, total=steps)
+    step_loss = wrap_data_parallel(StepLoss(model, family, recipe), ranks)
     masks, window_start = 0, time.perf_counter()  # masks trained since the last log line, for masks/s
     for step in progress:
         auto = prompted is None or (automatic is not None and task_rng.random() < recipe.automatic.ratio)
         path = "automatic" if auto else "prompted"
         use_box = False if auto else bool(prompt_rng.random() < recipe.prompts.box_probability)
         optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
-        for _ in range(accumulate):  # gradients of `accumulate` batches summed, each scaled by 1/accumulate
+        step_total = torch.zeros((), device=device)
+        for micro in range(accumulate):  # gradients of `accumulate` batches summed, each scaled by 1/accumulate
             batch = {k: (v.to(device) if k != S.META else v) for k, v in next(automatic if auto else prompted).items()}
             served[path] += 1
-            masks += batch[SEM.LABELS].shape[0] * len(data.space.ids) if auto else batch[S.MASKS].shape[0] * batch[S.MASKS].shape[1]
+            masks += ranks.world * (batch[SEM.LABELS].shape[0] * len(data.space.ids) if auto else batch[S.MASKS].shape[0] * batch[S.MASKS].shape[1])
             embeddings = cached_embeddings(caches, data.train_semantic if auto else data.train, batch, device)
-            if auto:
-                loss = automatic_loss(model, family, batch, recipe, auto_loss_fn, embeddings)
-            else:
-                loss = prompted_loss(model, family, batch, recipe, use_box, click_generator, loss_fn, embeddings)
-            check_finite(loss, step, path, recipe, last_good)
-            (loss / accumulate).backward()
-            loss_value += loss.item() / accumulate
+            # DDP: gradients are averaged across ranks at the last micro-batch's backward only
+            sync = ranks.world == 1 or micro == accumulate - 1
+            with contextlib.nullcontext() if sync else step_loss.no_sync():
+                loss = step_loss(batch, auto, use_box, click_generator, auto_loss_fn if auto else loss_fn, embeddings)
+                (loss / accumulate).backward()
+            step_total += loss.detach().float() / accumulate
+        # checked on every rank alike (a rank that stopped alone would leave the others waiting),
+        # before the optimiser step: the weights never see a non-finite gradient
+        step_total = mean_across_ranks(step_total)
+        check_finite(step_total, step, path, recipe, last_good)
+        loss_value = step_total.item()
         if recipe.train.clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.train.clip_grad_norm)
             if not torch.isfinite(grad_norm):
@@ -246,6 +298,7 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
                 log.info("%s", progress_line(step, steps, loss_value, path, scheduler.get_last_lr()[0], time.perf_counter() - started))
         if step % recipe.train.eval_every == 0 or step == steps:
             check_finite_weights(model, step, last_good)
+            check_same_weights(model, ranks, step)
             metrics = run_eval(f"eval @ {step}")
             for part in ("prompted", "semantic"):
                 if part in metrics:
@@ -258,17 +311,21 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
             if metrics["miou"] < baseline["miou"]:  # users often learn this only after the fact
                 entry["below_baseline"] = True
                 below_baseline.append(step)
-                log.warning("step %d: validation %s mIoU %.4f is BELOW the model before fine-tuning (%.4f)", step, metrics["headline"], metrics["miou"], baseline["miou"])
+                if ranks.main:
+                    log.warning("step %d: validation %s mIoU %.4f is BELOW the model before fine-tuning (%.4f)", step, metrics["headline"], metrics["miou"], baseline["miou"])
             history.append(entry)
             state = {"step": step, "headline": metrics["headline"], "miou": metrics["miou"], "mdice": metrics["mdice"]}
-            save_checkpoint(model, out / "checkpoints" / "last", recipe_yaml, state, classes)
+            if ranks.main:
+                save_checkpoint(model, out / "checkpoints" / "last", recipe_yaml, state, classes)
             last_good = f"the last good state is {out / 'checkpoints' / 'last'} (step {step})"
             if metrics["miou"] > best["miou"]:
                 best, stale = {"miou": metrics["miou"], "step": step}, 0
-                save_checkpoint(model, out / "checkpoints" / "best", recipe_yaml, state, classes)
+                if ranks.main:
+                    save_checkpoint(model, out / "checkpoints" / "best", recipe_yaml, state, classes)
             else:
                 stale += 1
-            progress.write(f"step {step}: val {metrics['headline']} mIoU {metrics['miou']:.4f} (best {best['miou']:.4f} @ {best['step']})")
+            if ranks.main:
+                progress.write(f"step {step}: val {metrics['headline']} mIoU {metrics['miou']:.4f} (best {best['miou']:.4f} @ {best['step']})")
             patience = recipe.train.early_stop_patience
             if patience is not None and stale >= patience and step < steps:
                 stopped_early = {"step": step, "patience": patience, "best_step": best["step"]}
@@ -278,7 +335,9 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
             loop.update(best=best, history=history, below_baseline=below_baseline, stale=stale, last_good=last_good,
                         served=served, draws=data.train.draws if data.train is not None else 0,
                         baseline=json_ready(baseline), metrics=json_ready(metrics))  # fmt: skip
-            save_state(out, step, model, optimizer, scheduler, loop, generators, recipe_yaml, recipe.train.keep_states)
+            rank_states = gather(rng_states(generators))  # every rank's random states, written by rank 0
+            if ranks.main:
+                save_state(out, step, model, optimizer, scheduler, loop, rank_states, recipe_yaml, recipe.train.keep_states)
     progress.close()
     writer.flush()
     writer.close()
@@ -298,12 +357,28 @@ def train(recipe: Recipe, resume: str | Path | None = None, resume_force: bool =
         train_seconds=round(time.perf_counter() - started, 1),
         skipped_cases=data.skipped,
         device=str(device),
+        processes=ranks.world,
     )
+    if not ranks.main:
+        return result
     write_json_atomic(out / "metrics.json", result)
     write_per_case(metrics, out)
     print_results({"before fine-tuning": baseline, f"after {result['step']} steps": metrics}, recipe)
     print(f"{metrics['headline']} mIoU {baseline['miou']:.3f} -> {metrics['miou']:.3f} ({metrics['miou'] - baseline['miou']:+.3f}); files in {out}")
     return result
+
+
+class _NoWriter:
+    """TensorBoard on ranks other than 0: nothing is written."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def progress_line(step: int, steps: int, loss: float, path: str, lr: float, elapsed: float) -> str:
@@ -318,6 +393,18 @@ def check_finite_weights(model, step: int, last_good: str) -> None:
     for name, param in model.named_parameters():
         if param.requires_grad and not torch.isfinite(param).all():
             raise SamtuneError(f"weights became non-finite at step {step} ({name}); nothing was saved from this step; {last_good}. Lower train.lr or set train.clip_grad_norm.")
+
+
+def check_same_weights(model, ranks: Ranks, step: int) -> None:
+    """DDP keeps every rank's weights equal; a difference (a rank that skipped a sync) would make
+    rank 0's checkpoints disagree with the evaluation all ranks ran, so it stops the run."""
+    if ranks.world == 1:
+        return
+    with torch.no_grad():
+        sums = [float(p.double().sum()) for p in model.parameters() if p.requires_grad]
+    everyone = gather(sums)
+    if any(other != everyone[0] for other in everyone[1:]):
+        raise SamtuneError(f"step {step}: the processes' trained weights differ (a gradient synchronisation was missed); please report this with the recipe.")
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -40,6 +40,10 @@ def case_scores(pred: np.ndarray, target: np.ndarray, spacing_mm: tuple[float, .
     return {"dice": dice, "hd95_mm": float(hd95.item()), "nsd": float(nsd.item())}
 
 
+def _slices_by_class() -> defaultdict:  # named, not a lambda: accumulators are pickled across ranks
+    return defaultdict(dict)
+
+
 class VolumeMetricAccumulator:
     """Collects slice predictions of a source that has ``slice_position`` and ``case_volume``."""
 
@@ -47,7 +51,18 @@ class VolumeMetricAccumulator:
         self.source = source
         self.class_names = class_names
         self.tolerance_mm = tolerance_mm
-        self.predictions: dict[str, dict[int, dict[int, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))
+        self.predictions: dict[str, dict[int, dict[int, np.ndarray]]] = defaultdict(_slices_by_class)
+
+    def __getstate__(self) -> dict:  # sent to other ranks without the source (open files, caches)
+        return {k: v for k, v in self.__dict__.items() if k != "source"}
+
+    def merge(self, other: VolumeMetricAccumulator) -> None:
+        """Add another rank's slice predictions (the same slice predicted on both: their union)."""
+        for case, by_class in other.predictions.items():
+            for class_id, slices in by_class.items():
+                for z, pred in slices.items():
+                    mine = self.predictions[case][class_id]
+                    mine[z] = mine[z] | pred if z in mine else pred
 
     def add(self, index: int, class_id: int, pred: np.ndarray) -> None:
         """``pred``: H×W bool prediction for one object on source slice ``index``."""
@@ -112,6 +127,14 @@ class SemanticVolumeAccumulator(VolumeMetricAccumulator):
             depth = self.source.case_volume(case)[0].shape[0]
             self.volumes[case] = np.zeros((depth, *label.shape), np.uint8)
         self.volumes[case][z] = label
+
+    def merge(self, other: SemanticVolumeAccumulator) -> None:
+        """Another rank's slices: each slice was predicted on one rank, zeros on the others."""
+        for case, volume in other.volumes.items():
+            if case in self.volumes:
+                np.maximum(self.volumes[case], volume, out=self.volumes[case])
+            else:
+                self.volumes[case] = volume
 
     def _prediction(self, case: str, class_id: int, shape: tuple[int, ...]) -> np.ndarray:
         volume = self.volumes.get(case)
