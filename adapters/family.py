@@ -86,6 +86,7 @@ class ModelFamily(ABC):
     prompt_modules: tuple[str, ...] = ()
     lora_roles: dict[str, str] = {}  # role (samtune.constants.LORA_ROLES) -> module-name regex
     encoder_block: re.Pattern | None = None  # captures the block index of an encoder module name
+    attention_kinds: tuple[str, ...] = ("sdpa",)  # `model.attention` values; the first is the default
 
     # --- building and files ---
     @abstractmethod
@@ -100,6 +101,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def encoder_depth(self, model) -> int:
         ...
+
+    def set_attention(self, model, kind: str) -> None:
+        """Switch the image encoder's attention implementation (``model.attention``) in place; every
+        kind gives the same numbers up to rounding. A family with one kind accepts only that one."""
+        if kind not in self.attention_kinds:
+            raise SamtuneError(f"model.attention={kind!r}: the {self.name} family has {', '.join(self.attention_kinds)}.")
 
     # --- data in and out ---
     @abstractmethod

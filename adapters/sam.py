@@ -43,6 +43,13 @@ class SamFamily(ModelFamily):
         "decoder_attention": _DECODER_ATTENTION,
     }
     encoder_block = re.compile(r"vision_encoder\.layers\.(\d+)\.")
+    attention_kinds = ("sdpa", "fused_relpos", "eager")
+
+    def set_attention(self, model, kind: str) -> None:
+        super().set_attention(model, kind)
+        from samtune.adapters.attention import set_vision_attention
+
+        set_vision_attention(model, kind)
 
     def build(self, variant: ModelVariant, checkpoint: str | None, image_size: int, init_seed: int) -> SamModel:
         if checkpoint is None and variant.make_config is not None:

@@ -1,9 +1,12 @@
 """One LoRA training step of SAM (the trainer's hot path, `run_rounds` + AdamW): time and peak
-GPU memory for float32 vs bfloat16 autocast, with and without gradient checkpointing, side by side
-in one run, and the model FLOPs utilisation (MFU): the FLOPs of one step (forward + backward,
-counted by ``torch.utils.flop_counter``; recomputation under checkpointing is not counted) per
-second, over the GPU's dense bf16 peak from its name (``PEAK_BF16``). Random weights and data:
-cost depends on shapes, not values.
+GPU memory for float32 vs bfloat16 autocast, with and without gradient checkpointing, for each
+image-encoder attention (``--attention``: transformers' ``sdpa``, its ``eager``, and
+``fused_relpos``, samtune.adapters.attention; default sdpa and fused_relpos), side by side in one
+run, and the model FLOPs utilisation (MFU): the FLOPs of one step (forward + backward, counted by
+``torch.utils.flop_counter``; recomputation under checkpointing is not counted) per second, over
+the GPU's dense bf16 peak from its name (``PEAK_BF16``). The FLOPs are counted once, with sdpa
+attention, for every row: fused_relpos's wider q·k is overhead, not model work, so TFLOP/s and MFU
+compare the kinds by time. Random weights and data: cost depends on shapes, not values.
 
     python benchmarks/train_step.py --device cuda --variant vit_b --image-size 1024 --batch 4
 """
@@ -11,23 +14,26 @@ cost depends on shapes, not values.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from samtune.adapters.attention import ATTENTION_KINDS, set_vision_attention
+from samtune.adapters.lora import prepare_trainable
+from samtune.adapters.registry import family_of
+from samtune.datasets import sample as S
+from samtune.finetune.interaction import run_rounds
+from samtune.finetune.losses import make_mask_loss
+from samtune.finetune.recipe import LoraSection, PromptsSection
 from transformers import SamModel
 
+# The sibling script, found however this one is started; imported as a call, not a statement, so
+# no import has to follow code (E402 in older ruff defaults, an unused noqa under newer ones).
 sys.path.insert(0, str(Path(__file__).parent))
-from encoder_speed import sam_config  # noqa: E402
-
-from samtune.adapters.lora import prepare_trainable  # noqa: E402
-from samtune.adapters.registry import family_of  # noqa: E402
-from samtune.datasets import sample as S  # noqa: E402
-from samtune.finetune.interaction import run_rounds  # noqa: E402
-from samtune.finetune.recipe import LoraSection, PromptsSection  # noqa: E402
-from samtune.finetune.losses import make_mask_loss  # noqa: E402
+sam_config = importlib.import_module("encoder_speed").sam_config
 
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets; the first name
@@ -52,6 +58,7 @@ def count_flops(args) -> float:
     torch.manual_seed(0)
     config = sam_config(args.variant, args.image_size)
     model = prepare_trainable(SamModel(config), family_of("sam-vit-base"), "lora", LoraSection()).to(args.device).train()
+    set_vision_attention(model, "sdpa")  # the reference computation's FLOPs, whatever kinds are timed
     batch = make_batch(args.batch, args.per_image, args.image_size, args.device)
     generator = torch.Generator(device=args.device).manual_seed(0)
     with FlopCounterMode(display=False) as counter:
@@ -82,7 +89,7 @@ def make_batch(batch: int, per_image: int, size: int, device: str) -> dict:
     }
 
 
-def measure(args, precision: str, checkpointing: bool) -> tuple[float, float, float]:
+def measure(args, attention: str, precision: str, checkpointing: bool) -> tuple[float, float, float]:
     torch.manual_seed(0)
     config = sam_config(args.variant, args.image_size)
     config.vision_config.initializer_range = 0.02
@@ -91,6 +98,7 @@ def measure(args, precision: str, checkpointing: bool) -> tuple[float, float, fl
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     family = family_of("sam-vit-base")
     model = prepare_trainable(base, family, "lora", LoraSection()).to(args.device).train()
+    set_vision_attention(model, attention)  # in place, under peft's LoRA wrappers
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = make_mask_loss(1.0, 20.0)
     batch = make_batch(args.batch, args.per_image, args.image_size, args.device)
@@ -130,6 +138,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--attention", nargs="+", choices=list(ATTENTION_KINDS), default=["sdpa", "fused_relpos"],
+                        help="image-encoder attention kinds to time (default: sdpa fused_relpos)")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="default both; fp32 alone for a quick CPU check (bf16 autocast on CPU is far slower)")
     parser.add_argument("--no-flops", action="store_true", help="skip counting FLOPs (one extra step)")
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
@@ -140,17 +152,19 @@ def main() -> None:
     if flops is not None:
         where_peak = f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else "peak unknown for this device: no MFU"
         print(f"one step = {flops / 1e12:.3f} TFLOP (forward + backward, torch.utils.flop_counter); {where_peak}")
-    print(f"{'precision':<10} {'checkpointing':<14} {'s/step':>8} {'images/s':>9} {'peak GiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'loss':>8}")
+    print(f"{'attention':<13} {'precision':<10} {'checkpointing':<14} {'s/step':>8} {'images/s':>9} {'peak GiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'loss':>8}")
     results = [f"tflop_per_step={flops / 1e12:.3f}"] if flops is not None else []
-    for precision in ("fp32", "bf16"):
+    for precision in args.precision:
         for checkpointing in (False, True):
-            seconds, peak_gib, loss = measure(args, precision, checkpointing)
-            rate = flops / seconds / 1e12 if flops is not None else float("nan")
-            mfu = flops / seconds / peak if flops is not None and peak else float("nan")
-            print(f"{precision:<10} {str(checkpointing):<14} {seconds:>8.4f} {args.batch / seconds:>9.1f} {peak_gib:>9.2f} "
-                  f"{rate:>8.1f} {mfu:>6.1%} {loss:>8.4f}")  # fmt: skip
-            tag = f"{precision}{'_ckpt' if checkpointing else ''}"
-            results += [f"{tag}_s_per_step={seconds:.4f}", f"{tag}_peak_gib={peak_gib:.2f}", f"{tag}_mfu={mfu:.3f}"]
+            for attention in args.attention:  # innermost: the kinds compared sit on adjacent rows
+                seconds, peak_gib, loss = measure(args, attention, precision, checkpointing)
+                rate = flops / seconds / 1e12 if flops is not None else float("nan")
+                mfu = flops / seconds / peak if flops is not None and peak else float("nan")
+                print(f"{attention:<13} {precision:<10} {checkpointing!s:<14} {seconds:>8.4f} {args.batch / seconds:>9.1f} {peak_gib:>9.2f} "
+                      f"{rate:>8.1f} {mfu:>6.1%} {loss:>8.4f}")  # fmt: skip
+                # sdpa keeps the keys this script wrote before --attention existed.
+                tag = f"{precision}{'_ckpt' if checkpointing else ''}{'' if attention == 'sdpa' else '_' + attention}"
+                results += [f"{tag}_s_per_step={seconds:.4f}", f"{tag}_peak_gib={peak_gib:.2f}", f"{tag}_mfu={mfu:.3f}"]
     print("RESULT " + " ".join(results))
 
 

@@ -61,7 +61,9 @@ def checkpoint_folder(path: Path) -> Path:
 
 def _load_onto_base(recipe: Recipe, family: ModelFamily, checkpoint: str | Path):
     """A checkpoint folder loaded onto the recipe's base model (checked against the folder's recipe)."""
-    return load_checkpoint(checkpoint, family, lambda: build_base_model(recipe), recipe.model.model_dump())
+    model = load_checkpoint(checkpoint, family, lambda: build_base_model(recipe), recipe.model.model_dump())
+    family.set_attention(model, recipe.model.attention)  # whole-model folders do not come from build_base_model
+    return model
 
 
 def load_model(run_dir_or_checkpoint: str | Path, recipe: Recipe | str | Path | None = None, device: str = "cpu") -> LoadedModel:

@@ -51,10 +51,15 @@ def run_rounds(
     mask_loss=None,
     iou_weight: float = 0.0,
     embeddings: ImageEmbeddings | None = None,
+    low_res_loss: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Returns the chosen S×S logits of every round ((B·P)×1×S×S each) and, when ``mask_loss``
     (reduction="none") is given, the loss averaged over rounds. ``embeddings``: the batch's image
-    embeddings (one row per image) when already known (the embedding cache); else the encoder runs."""
+    embeddings (one row per image) when already known (the embedding cache); else the encoder runs.
+    ``low_res_loss`` (``loss.resolution: low_res``): the loss compares the decoder's s×s logits
+    with the ground truth area-averaged to s×s (soft targets at object borders) instead of every
+    mask upsampled to S×S: 16× fewer pixels at 1024 px, and only the chosen mask is upsampled (no
+    gradient) for the IoU target and the next click."""
     device = batch[S.IMAGE].device
     per_image = batch[S.MASKS].shape[1]
     if embeddings is None:
@@ -70,6 +75,7 @@ def run_rounds(
     else:
         points, labels = batch[S.POINTS].flatten(0, 1), batch[S.POINT_LABELS].flatten(0, 1)
     ambiguous = not use_box and points.shape[1] == 1
+    target_low = None  # N×1×s×s, made at the first round once s is known
     previous = None
     outputs, losses = [], []
     for round_index in range(total_rounds(prompts)):
@@ -78,14 +84,23 @@ def run_rounds(
             model, embeddings, boxes, points, labels,
             mask_inputs=previous if prompts.feed_mask else None, multimask_output=multimask,
         )  # fmt: skip
-        logits = family.upscale_logits(low_res.float(), image_size)  # N×M×S×S, float32 for the loss even under autocast
-        if mask_loss is not None:
-            per_mask = mask_loss(logits, target.expand_as(logits)).flatten(2).mean(2)  # N×M
+        if mask_loss is not None and low_res_loss:
+            if target_low is None:
+                target_low = F.interpolate(target.float(), size=low_res.shape[-2:], mode="area")
+            per_mask = mask_loss(low_res.float(), target_low.expand_as(low_res)).flatten(2).mean(2)  # N×M
             choice = per_mask.argmin(1, keepdim=True)
+            with torch.no_grad():
+                chosen_low = low_res.gather(1, choice[:, :, None, None].expand(-1, 1, *low_res.shape[2:]))
+                chosen = family.upscale_logits(chosen_low.float(), image_size)  # N×1×S×S
         else:
-            choice = iou_pred.argmax(1, keepdim=True)
+            logits = family.upscale_logits(low_res.float(), image_size)  # N×M×S×S, float32 for the loss even under autocast
+            if mask_loss is not None:
+                per_mask = mask_loss(logits, target.expand_as(logits)).flatten(2).mean(2)  # N×M
+                choice = per_mask.argmin(1, keepdim=True)
+            else:
+                choice = iou_pred.argmax(1, keepdim=True)
+            chosen = logits.gather(1, choice[:, :, None, None].expand(-1, 1, *logits.shape[2:]))  # N×1×S×S
         index = choice[:, :, None, None]
-        chosen = logits.gather(1, index.expand(-1, 1, *logits.shape[2:]))  # N×1×S×S
         outputs.append(chosen)
         if mask_loss is not None:
             actual_iou = mask_iou(chosen[:, 0].detach() > 0, target_bool, valid)

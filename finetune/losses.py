@@ -4,6 +4,7 @@ automatic mode's per-class Dice + focal over whole label maps."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # MONAI is imported inside the functions: it takes seconds to import, and `samtune predict` and
 # `samtune evaluate` never build a loss.
@@ -37,10 +38,18 @@ class AutomaticLoss(torch.nn.Module):
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(0), persistent=False)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``logits`` B×K×S×S (float32), ``labels`` B×S×S class indexes (K background, 255 ignored)."""
+        """``logits`` B×K×S×S (float32), ``labels`` B×S×S class indexes (K background, 255 ignored);
+        logits of a smaller size s×s (the decoder's own) are scored against area-averaged labels."""
         k = logits.shape[1]
         valid = (labels != 255).unsqueeze(1).float()  # B×1×S×S
         target = (labels.unsqueeze(1) == torch.arange(k, device=labels.device).view(1, k, 1, 1)).float()
+        if logits.shape[-2:] != labels.shape[-2:]:  # loss.resolution: low_res: s×s logits, S×S labels
+            # area averages: each low-res pixel weighs by its counted share and targets the class
+            # share among the counted pixels under it
+            size = logits.shape[-2:]
+            target = F.interpolate(target * valid, size=size, mode="area")
+            valid = F.interpolate(valid, size=size, mode="area")
+            target = target / valid.clamp(min=1e-6)
         pixels = valid.sum().clamp(min=1.0)
         focal = (self.focal(logits, target) * valid).sum((0, 2, 3)) / pixels  # K
         probs = torch.sigmoid(logits) * valid

@@ -45,6 +45,7 @@ class ModelSection(_Section):
     checkpoint: Optional[str] = Field(None, description="official SAM/MedSAM `.pth`, Hugging Face folder or hub id (default: the name's hub id; random init for `tiny`)")
     image_size: Optional[int] = Field(None, ge=32, description="model input size in px, longest side (default: the model's own, 1024 for SAM, 128 for `tiny`)")
     init_seed: int = Field(0, description="seed of the random initialisation of `tiny` (the base an adapter is loaded onto)")
+    attention: Literal["sdpa", "fused_relpos", "eager"] = Field("sdpa", description="image-encoder attention: `sdpa` (PyTorch's fused attention with the relative-position bias as a mask), `fused_relpos` (the bias folded into the query·key product: no N×N mask, so flash kernels apply), `eager` (plain matmuls); the same numbers up to rounding")
 
 
 class LoraSection(_Section):
@@ -72,6 +73,7 @@ class AdapterSection(_Section):
 class TrainSection(_Section):
     mode: Literal[TRAIN_MODES] = Field("lora", description="`lora`: frozen encoders + LoRA + trained mask decoder; `decoder_only`: frozen encoders, mask decoder trained; `full`: every weight trained")
     embedding_cache: bool = Field(False, description="`decoder_only`: compute each training image's embedding once, float16 on disk (`<cache dir>/embeddings-<key>/`, `samtune cache`), and reuse it at every step instead of running the frozen encoder; not with `augment:`")
+    compile: bool = Field(False, description="`torch.compile` the image encoder (the first steps are slow while it compiles; for long GPU runs)")
     gradient_checkpointing: bool = Field(False, description="recompute image-encoder block activations in the backward pass: less memory, more time (figures in the README)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast the forward passes to bfloat16 (GPUs from Ampere on; weights and optimiser stay float32)")
     steps: int = Field(500, ge=1, description="optimiser steps")
@@ -132,6 +134,7 @@ class LossSection(_Section):
     dice_weight: float = Field(1.0, ge=0, description="weight of the Dice loss")
     focal_weight: float = Field(20.0, ge=0, description="weight of the focal loss (SAM paper: 20 focal : 1 Dice)")
     iou_weight: float = Field(1.0, ge=0, description="weight of the MSE between the IoU head's prediction and the actual IoU (SAM paper: 1)")
+    resolution: Literal["input", "low_res"] = Field("input", description="where the training loss is computed: `input` (every predicted mask upsampled to the model input, S×S) or `low_res` (the mask decoder's own S/4 × S/4 output against the ground truth area-averaged to it, as SAMed; 16× fewer pixels, for large inputs and many prompts per image)")
 
 
 class AutomaticSection(_Section):

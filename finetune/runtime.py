@@ -57,7 +57,19 @@ def build_base_model(recipe: Recipe):
     model = build_model(recipe.model.name, recipe.model.checkpoint, image_size=image_size_of(recipe), init_seed=recipe.model.init_seed)
     # recorded by peft as adapter_config.json's base_model_name_or_path
     model.name_or_path = recipe.model.checkpoint or recipe.model.name
+    family_of(recipe.model.name).set_attention(model, recipe.model.attention)
     return model
+
+
+def compile_encoder(model, family: ModelFamily) -> None:
+    """``train.compile``: compile the image encoder in place (``nn.Module.compile``: parameter names,
+    LoRA wrappers and saved files stay as they are). The encoder is where the time goes; the
+    decoder runs a variable number of prompts and rounds, which would make it recompile."""
+    for name, module in model.named_modules():
+        if name == family.image_encoder or name.endswith("." + family.image_encoder):
+            module.compile()
+            return
+    raise SamtuneError(f"train.compile: no module {family.image_encoder!r} in the model.")
 
 
 def check_writable(folder: str | Path, key: str = "output.dir") -> Path:

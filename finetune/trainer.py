@@ -29,7 +29,7 @@ from samtune.finetune.checkpoints import save_checkpoint
 from samtune.finetune.data import build_datasets
 from samtune.finetune.evaluation import evaluate_all
 from samtune.finetune.interaction import run_rounds
-from samtune.finetune.automatic import class_logits
+from samtune.finetune.automatic import class_logits, class_low_res
 from samtune.finetune.losses import AutomaticLoss, make_mask_loss
 from samtune.finetune.optim import build_optimizer, build_scheduler
 from samtune.finetune.recipe import Recipe, dump_recipe
@@ -39,7 +39,7 @@ from samtune.finetune.resume import (
     DataOrder, check_same_recipe, find_state, load_state, restore_rng_states, rng_states, save_state,
 )  # fmt: skip
 from samtune.finetune.runtime import (
-    autocast, build_base_model, check_writable, image_size_of, model_family, resolve_device, seed_everything,
+    autocast, build_base_model, check_writable, compile_encoder, image_size_of, model_family, resolve_device, seed_everything,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,17 @@ def prompted_loss(model, family, batch: dict, recipe: Recipe, use_box: bool, cli
     embeddings (``train.embedding_cache``), else the encoder runs."""
     with autocast(batch[S.IMAGE].device, recipe.train.precision):
         _, loss = run_rounds(model, family, batch, recipe.prompts, batch[S.IMAGE].shape[-1], use_box, click_generator, loss_fn,
-                             recipe.loss.iou_weight, embeddings=embeddings)  # fmt: skip
+                             recipe.loss.iou_weight, embeddings=embeddings, low_res_loss=recipe.loss.resolution == "low_res")  # fmt: skip
     return loss
 
 
 def automatic_loss(model, family, batch: dict, recipe: Recipe, loss_fn, embeddings=None) -> torch.Tensor:
     """The automatic path's loss: every class prompt on every image of the batch."""
     with autocast(batch[SEM.IMAGE].device, recipe.train.precision):
-        logits = class_logits(model, family, batch[SEM.IMAGE], embeddings=embeddings)
+        if recipe.loss.resolution == "low_res":  # the decoder's s×s logits against area-averaged labels
+            logits = class_low_res(model, family, batch[SEM.IMAGE], embeddings=embeddings)
+        else:
+            logits = class_logits(model, family, batch[SEM.IMAGE], embeddings=embeddings)
     return loss_fn(logits, batch[SEM.LABELS])
 
 
@@ -189,6 +192,8 @@ def _train(recipe: Recipe, resume, resume_force: bool, ranks: Ranks, rank_device
     if recipe.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = prepare_trainable(base, family, recipe.train.mode, recipe.adapter.lora).to(device)
+    if recipe.train.compile:
+        compile_encoder(model, family)
     params = count_parameters(model, family)
     log.info(
         "parameters (%s): %s trainable of %s total — %s",

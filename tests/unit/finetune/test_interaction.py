@@ -41,6 +41,23 @@ def test_rounds_add_one_click_each_and_train_end_to_end(use_box, blob_source):
     assert torch.isfinite(loss) and model.mask_decoder.iou_prediction_head.proj_out.weight.grad.abs().sum() > 0
 
 
+def test_low_res_loss_trains_through_the_decoder_output_and_keeps_the_rounds(blob_source):
+    """loss.resolution: low_res: same rounds and full-size outputs, a loss on the s×s logits (the
+    ground truth area-averaged), gradients reaching the decoder; close to the full-size loss."""
+    model = build_sam("tiny", image_size=64)
+    ds = PromptedDataset(blob_source(), LongestSideTransform(64), PromptsSection(), min_pixels=10, training=True, seed=0, per_image=2)
+    batch = S.collate_samples([ds[0], ds[1]])
+    rounds = PromptsSection(corrective_rounds=1)
+    args = (model, get_family("sam"), batch, rounds, 64, True)
+    loss_fn = make_mask_loss(1.0, 20.0)
+    outputs, low = run_rounds(*args, torch.Generator().manual_seed(0), loss_fn, 1.0, low_res_loss=True)
+    _, full = run_rounds(*args, torch.Generator().manual_seed(0), loss_fn, 1.0)
+    assert len(outputs) == 2 and outputs[0].shape == (4, 1, 64, 64) and not outputs[0].requires_grad
+    assert torch.isfinite(low) and abs(low.item() - full.item()) < 0.25 * full.item()
+    low.backward()
+    assert model.mask_decoder.upscale_conv1.weight.grad.abs().sum() > 0
+
+
 def test_mask_iou_ignores_padding():
     pred = torch.ones(1, 4, 4, dtype=torch.bool)
     target = torch.zeros(1, 4, 4, dtype=torch.bool)

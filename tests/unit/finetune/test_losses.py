@@ -40,3 +40,26 @@ def test_automatic_loss_ignores_255_and_prefers_the_right_classes():
     wrong_1[:, 1] = -wrong_1[:, 1]
     light = AutomaticLoss(1.0, 20.0, torch.tensor([1.0, 0.1]))
     assert light(wrong_1, labels) < loss(wrong_1, labels)
+
+
+def test_automatic_loss_at_low_res_equals_the_full_size_loss_on_block_labels():
+    """loss.resolution: low_res: labels constant over each 4×4 block (255 blocks too) and logits
+    constant over the same blocks give the loss of the full-size maps (Dice is a ratio of sums,
+    focal a mean over counted pixels; smoothing made negligible)."""
+    from samtune.finetune.losses import AutomaticLoss
+
+    torch.manual_seed(0)
+    low_labels = torch.randint(0, 3, (2, 8, 8), dtype=torch.uint8)
+    low_labels[0, 0, :3] = 255
+    labels = low_labels.repeat_interleave(4, 1).repeat_interleave(4, 2)  # 2×32×32
+    low_logits = torch.randn(2, 2, 8, 8) * 3
+    logits = low_logits.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    loss = AutomaticLoss(1.0, 20.0, smooth=1e-6)
+    torch.testing.assert_close(loss(low_logits, labels), loss(logits, labels), rtol=1e-5, atol=1e-6)
+    # a half-ignored block counts half, a block split between classes targets their shares
+    mixed = labels.clone()
+    mixed[0, :2, 16:20] = 255
+    assert torch.isfinite(loss(low_logits, mixed)) and not torch.allclose(loss(low_logits, mixed), loss(low_logits, labels))
+    mixed = labels.clone()
+    mixed[1, :2, :4] = (int(labels[1, 0, 0]) + 1) % 3
+    assert torch.isfinite(loss(low_logits, mixed)) and not torch.allclose(loss(low_logits, mixed), loss(low_logits, labels))
