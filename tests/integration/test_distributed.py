@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,16 +44,18 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 def two_process_run(phantom_template, tmp_path_factory) -> tuple[Path, Path]:
     """A finished 2-process run of the recipe (its states kept) and the recipe."""
     tmp = tmp_path_factory.mktemp("ddp")
+    data = tmp / phantom_template.name  # a private copy: the run writes its slice cache into the dataset
+    shutil.copytree(phantom_template, data)
     run = tmp / "ddp"
-    recipe = _recipe(tmp / "r.yaml", phantom_template, run)
+    recipe = _recipe(tmp / "r.yaml", data, run)
     _torchrun(str(recipe))
     return run, recipe
 
 
-def test_two_processes_score_like_one_and_write_once(two_process_run, phantom_template, tmp_path):
+def test_two_processes_score_like_one_and_write_once(two_process_run, phantom, tmp_path):
     run, _ = two_process_run
     single = tmp_path / "single"
-    assert main(["-q", "train", str(_recipe(tmp_path / "s.yaml", phantom_template, single)), "train.steps=1"]) == 0
+    assert main(["-q", "train", str(_recipe(tmp_path / "s.yaml", phantom, single)), "train.steps=1"]) == 0
     ddp, one = json.loads((run / "metrics.json").read_text()), json.loads((single / "metrics.json").read_text())
     assert ddp["processes"] == 2 and one["processes"] == 1
     # the model before fine-tuning, scored by 2 ranks (shards merged) and by 1: the same numbers
