@@ -10,13 +10,29 @@ import torch.nn.functional as F
 # `samtune evaluate` never build a loss.
 
 
-def make_mask_loss(dice_weight: float, focal_weight: float):
+def make_mask_loss(dice_weight: float, focal_weight: float, bce_weight: float = 0.0):
     """N×M×H×W logits vs. N×M×H×W binary targets -> N×M×H×W (reduction "none"): Dice is computed
     per mask and broadcast over the pixels, so the spatial mean of the result is each mask's
-    Dice + mean focal loss; the caller picks the best of SAM's multimask outputs with it."""
+    Dice + mean focal loss (+ mean binary cross-entropy with ``bce_weight``); the caller picks the
+    best of SAM's multimask outputs with it."""
     from monai.losses import DiceFocalLoss
 
-    return DiceFocalLoss(sigmoid=True, lambda_dice=dice_weight, lambda_focal=focal_weight, gamma=2.0, reduction="none")
+    dice_focal = DiceFocalLoss(sigmoid=True, lambda_dice=dice_weight, lambda_focal=focal_weight, gamma=2.0, reduction="none")
+    if not bce_weight:
+        return dice_focal
+    return _WithBCE(dice_focal, bce_weight)
+
+
+class _WithBCE(torch.nn.Module):
+    """A mask loss plus ``weight`` × binary cross-entropy per pixel (SAMed's CE term: for one binary
+    mask the cross-entropy over {object, background} is the BCE of its logit)."""
+
+    def __init__(self, loss, weight: float):
+        super().__init__()
+        self.loss, self.weight = loss, weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, target) + self.weight * F.binary_cross_entropy_with_logits(logits, target, reduction="none")
 
 
 class AutomaticLoss(torch.nn.Module):
@@ -29,9 +45,9 @@ class AutomaticLoss(torch.nn.Module):
     Dice. Written by hand because MONAI's DiceFocalLoss has no per-pixel mask.
     """
 
-    def __init__(self, dice_weight: float, focal_weight: float, class_weights: torch.Tensor | None = None, smooth: float = 1.0):
+    def __init__(self, dice_weight: float, focal_weight: float, class_weights: torch.Tensor | None = None, smooth: float = 1.0, bce_weight: float = 0.0):
         super().__init__()
-        self.dice_weight, self.focal_weight, self.smooth = dice_weight, focal_weight, smooth
+        self.dice_weight, self.focal_weight, self.smooth, self.bce_weight = dice_weight, focal_weight, smooth, bce_weight
         from monai.losses import FocalLoss
 
         self.focal = FocalLoss(gamma=2.0, use_softmax=False, reduction="none")
@@ -56,5 +72,8 @@ class AutomaticLoss(torch.nn.Module):
         inter = (probs * target).sum((0, 2, 3))
         dice = 1 - (2 * inter + self.smooth) / (probs.sum((0, 2, 3)) + target.sum((0, 2, 3)) + self.smooth)
         per_class = self.dice_weight * dice + self.focal_weight * focal
+        if self.bce_weight:
+            bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum((0, 2, 3)) / pixels
+            per_class = per_class + self.bce_weight * bce
         weights = self.class_weights if self.class_weights.numel() else torch.ones_like(per_class)
         return (per_class * weights).sum() / weights.sum().clamp(min=1e-12)

@@ -217,7 +217,7 @@ def _train(recipe: Recipe, resume, resume_force: bool, ranks: Ranks, rank_device
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train)
-    loss_fn = make_mask_loss(recipe.loss.dice_weight, recipe.loss.focal_weight)
+    loss_fn = make_mask_loss(recipe.loss.dice_weight, recipe.loss.focal_weight, recipe.loss.bce_weight)
     click_generator = torch.Generator(device=device).manual_seed(recipe.seed + 1 + 1_000 * ranks.rank)
     prompt_rng = np.random.default_rng(recipe.seed)
     task_rng = np.random.default_rng([recipe.seed, 7])
@@ -239,7 +239,8 @@ def _train(recipe: Recipe, resume, resume_force: bool, ranks: Ranks, rank_device
     automatic = None
     if data.train_semantic is not None:
         automatic = _loader(data.train_semantic, recipe, collate_semantic, recipe.seed + 2, served["automatic"], ranks)
-        auto_loss_fn = AutomaticLoss(recipe.loss.dice_weight, recipe.loss.focal_weight, _class_weights(recipe, data.space)).to(device)
+        auto_loss_fn = AutomaticLoss(recipe.loss.dice_weight, recipe.loss.focal_weight, _class_weights(recipe, data.space),
+                                     bce_weight=recipe.loss.bce_weight).to(device)  # fmt: skip
     if state_dir is not None:
         if data.train is not None:
             data.train.restore_draws(loop["draws"])

@@ -63,3 +63,25 @@ def test_automatic_loss_at_low_res_equals_the_full_size_loss_on_block_labels():
     mixed = labels.clone()
     mixed[1, :2, :4] = (int(labels[1, 0, 0]) + 1) % 3
     assert torch.isfinite(loss(low_logits, mixed)) and not torch.allclose(loss(low_logits, mixed), loss(low_logits, labels))
+
+
+def test_bce_term_adds_the_weighted_binary_cross_entropy():
+    """loss.bce_weight (SAMed's 0.2 CE + 0.8 Dice): the prompted loss gains w × BCE per pixel; the
+    automatic loss gains w × BCE averaged over the counted pixels, per class."""
+    import torch.nn.functional as F
+
+    from samtune.finetune.losses import AutomaticLoss, make_mask_loss
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 2, 8, 8), (torch.rand(3, 2, 8, 8) > 0.5).float()
+    expected = make_mask_loss(0.8, 0.0)(logits, target) + 0.2 * F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    torch.testing.assert_close(make_mask_loss(0.8, 0.0, 0.2)(logits, target), expected)
+
+    labels = torch.randint(0, 3, (2, 8, 8), dtype=torch.uint8)
+    labels[0, 0] = 255
+    class_logits = torch.randn(2, 2, 8, 8)
+    valid = (labels != 255).unsqueeze(1).float()
+    onehot = torch.stack([(labels == k).float() for k in range(2)], 1)
+    bce = (F.binary_cross_entropy_with_logits(class_logits, onehot, reduction="none") * valid).sum((0, 2, 3)) / valid.sum()
+    with_bce = AutomaticLoss(0.8, 0.0, bce_weight=0.2)(class_logits, labels)
+    torch.testing.assert_close(with_bce, AutomaticLoss(0.8, 0.0)(class_logits, labels) + 0.2 * bce.mean())
