@@ -35,16 +35,22 @@ _PALETTE = np.array([
 ], np.float32)  # fmt: skip
 
 
+def tint_labels(image: np.ndarray, labels: np.ndarray, space: LabelSpace, values=None) -> np.ndarray:
+    """H×W(×3) uint8 image -> H×W×3 uint8 with each class's pixels tinted in its palette colour
+    (50%); class k is the label value ``values[k]`` (default: the values written to files)."""
+    rgb = np.repeat(image[..., None], 3, 2) if image.ndim == 2 else image[..., :3]
+    rgb = rgb.astype(np.float32)
+    for k, v in enumerate(space.file_values() if values is None else values):
+        mask = labels == v
+        rgb[mask] = 0.5 * rgb[mask] + 0.5 * _PALETTE[k % len(_PALETTE)]
+    return rgb.round().astype(np.uint8)
+
+
 def write_overlay(image: np.ndarray, values: np.ndarray, space: LabelSpace, path: Path) -> Path:
     """The image with each class's pixels tinted in its palette colour (50%)."""
     import cv2
 
-    rgb = np.repeat(image[..., None], 3, 2) if image.ndim == 2 else image[..., :3]
-    rgb = rgb.astype(np.float32)
-    for k, v in enumerate(space.file_values()):
-        mask = values == v
-        rgb[mask] = 0.5 * rgb[mask] + 0.5 * _PALETTE[k % len(_PALETTE)]
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb.round().astype(np.uint8), cv2.COLOR_RGB2BGR))
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(tint_labels(image, values, space), cv2.COLOR_RGB2BGR))
     if not ok:
         raise SamtuneError(f"{path}: PNG encoding failed.")
     return write_atomic(path, encoded.tobytes())

@@ -90,6 +90,7 @@ class TrainSection(_Section):
     early_stop_patience: Optional[int] = Field(None, ge=1, description="stop when the headline validation mIoU has not improved for this many evaluations (default: run every step)")
     eval_every: int = Field(100, ge=1, description="evaluate on the validation split every N steps (and at the end)")
     log_every: int = Field(10, ge=1, description="write loss and lr to TensorBoard every N steps")
+    image_every: Optional[int] = Field(None, ge=0, description="draw a few fixed validation samples (prediction, ground-truth outline, prompt; semantic: prediction beside ground truth) into TensorBoard's Images tab every N steps (default: at every evaluation; 0: never)")
     save_every: Optional[int] = Field(None, ge=1, description="write the training state for `samtune train --resume` every N steps (`<output.dir>/states/`; default: at every evaluation)")
     keep_states: int = Field(2, ge=1, description="training states kept (the newest); `checkpoints/best` and `last` are kept apart")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")

@@ -302,6 +302,12 @@ def _train(recipe: Recipe, resume, resume_force: bool, ranks: Ranks, rank_device
             writer.add_scalar("train/peak_memory_gb", peak_memory_gb(device), step)
             if not interactive:
                 log.info("%s", progress_line(step, steps, loss_value, path, scheduler.get_last_lr()[0], time.perf_counter() - started))
+        image_every = recipe.train.eval_every if recipe.train.image_every is None else recipe.train.image_every
+        if ranks.main and image_every and (step % image_every == 0 or step == steps):
+            from samtune.finetune.overlays import log_pictures
+
+            with autocast(device, recipe.train.precision):
+                log_pictures(writer, model, family, data, recipe, device, step)
         if step % recipe.train.eval_every == 0 or step == steps:
             check_finite_weights(model, step, last_good)
             check_same_weights(model, ranks, step)

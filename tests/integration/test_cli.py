@@ -65,6 +65,11 @@ def test_train_writes_exactly_the_documented_files(ct_run):
     assert {"train/loss_prompted", "train/lr_lora", "train/lr_modules", "train/masks_per_s", "train/peak_memory_gb",
             "val_prompted/miou", "val_prompted_iou/liver"} <= tags, tags  # fmt: skip
     assert all(e.value > 0 for e in events.Scalars("train/masks_per_s"))
+    # train.image_every (default: each evaluation): pictures of fixed validation samples, every evaluation step
+    images = events.Tags()["images"]
+    assert images and all(tag.startswith("val_prompted_images/") for tag in images), images
+    first = events.Images(images[0])
+    assert [e.step for e in first] == sorted({e.step for e in first}) and len(first) == STEPS // 12 and first[0].width > 0
     metrics = json.loads((run / "metrics.json").read_text())
     prompted = metrics["prompted"]  # task: promptable (default): no semantic part
     assert "semantic" not in metrics and metrics["headline"] == "prompted" and metrics["miou"] == prompted["miou"]
