@@ -187,8 +187,9 @@ class ModelFamily(ABC):
             )
         return "|".join(f"(?:{self.lora_roles[r]})" for r in roles)
 
-    def block_index(self, module_name: str) -> int | None:
-        """The encoder block a module belongs to (None: not in an encoder block)."""
+    def block_index(self, module_name: str, model=None) -> int | None:
+        """The encoder block a module of ``model`` belongs to, counted as ``adapter.lora.blocks``
+        counts them (None: not in an encoder block)."""
         m = self.encoder_block.search(module_name) if self.encoder_block else None
         return int(m.group(1)) if m else None
 
@@ -217,6 +218,7 @@ def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
 
 
 def get_family(name: str) -> ModelFamily:
+    import samtune.adapters.mobile_sam  # noqa: F401
     import samtune.adapters.sam  # noqa: F401  (registers the built-in families)
 
     if name not in _FAMILIES:
@@ -225,6 +227,7 @@ def get_family(name: str) -> ModelFamily:
 
 
 def list_families() -> list[str]:
+    import samtune.adapters.mobile_sam  # noqa: F401
     import samtune.adapters.sam  # noqa: F401
 
     return sorted(_FAMILIES)

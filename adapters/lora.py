@@ -71,7 +71,7 @@ def select_lora_modules(model, family: ModelFamily, options: LoraOptions) -> lis
             if not -depth <= b < depth:
                 raise SamtuneError(f"adapter.lora.blocks: block {b} does not exist; the encoder has {depth} blocks (0..{depth - 1}).")
             wanted.add(b % depth)
-        names = [n for n in names if (block := family.block_index(n)) is None or block in wanted]
+        names = [n for n in names if (block := family.block_index(n, model)) is None or block in wanted]
     if not names:
         example = next((n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)), "?")
         raise SamtuneError(

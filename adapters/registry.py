@@ -1,6 +1,7 @@
 """Model variants: named configurations of a model family (``tiny``, ``sam-vit-base``, ...).
 
-``build_sam("tiny")`` gives a small randomly initialised SAM for tests and the offline demo;
+``build_sam("tiny")`` gives a small randomly initialised SAM for tests, ``build_sam("tiny-pretrained")``
+the same architecture pretrained on generated shapes (weights shipped in the package, for the offline demo);
 ``sam-vit-base|large|huge`` and ``medsam-vit-base`` load weights from a local Hugging Face folder,
 a hub id (when online) or an official ``.pth`` file. Variants register themselves with
 ``register_model`` in their family's module (adapters/sam.py), like timm's ``@register_model``.
@@ -22,7 +23,7 @@ class ModelVariant:
     family: str  # a registered ModelFamily (samtune.adapters.family)
     description: str
     default_image_size: int
-    hub_id: str | None  # Hugging Face hub id with the pretrained weights, if any
+    hub_id: str | None  # Hugging Face hub id (or absolute folder, for weights shipped in the package) with the pretrained weights, if any
     official_variant: str | None  # e.g. "vit_b": key shapes of official checkpoint files
     make_config: Callable[[int], Any] | None = None  # random-init config at an image size (tiny models)
 
@@ -38,6 +39,7 @@ def register_model(variant: ModelVariant) -> ModelVariant:
 
 
 def _builtin() -> dict[str, ModelVariant]:
+    import samtune.adapters.mobile_sam  # noqa: F401  (registers the MobileSAM variants)
     import samtune.adapters.sam  # noqa: F401  (registers the SAM variants)
 
     return _REGISTRY

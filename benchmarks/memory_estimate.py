@@ -50,6 +50,8 @@ from train_step import make_batch  # noqa: E402
 def build_architecture(recipe):
     """The recipe's model with random weights (same shapes as its checkpoint)."""
     variant = get_variant(recipe.model.name)
+    if variant.family != "sam":
+        raise SystemExit(f"memory_estimate.py builds SAM ViT architectures; model.name={recipe.model.name!r} is of family {variant.family!r}")
     size = image_size_of(recipe)
     config = variant.make_config(size) if variant.make_config is not None else sam_config(variant.official_variant, size)
     return SamModel(config)

@@ -41,7 +41,7 @@ DataSection = _data_union()
 
 
 class ModelSection(_Section):
-    name: str = Field("tiny", description="registry name: `tiny`, `sam-vit-base`, `sam-vit-large`, `sam-vit-huge`, `medsam-vit-base`")
+    name: str = Field("tiny", description="registry name: `tiny`, `sam-vit-base`, `sam-vit-large`, `sam-vit-huge`, `medsam-vit-base`, `mobile-sam` (TinyViT encoder; `model.checkpoint: mobile_sam.pt`), `mobile-sam-tiny`")
     checkpoint: Optional[str] = Field(None, description="official SAM/MedSAM `.pth`, Hugging Face folder or hub id (default: the name's hub id; random init for `tiny`)")
     image_size: Optional[int] = Field(None, ge=32, description="model input size in px, longest side (default: the model's own, 1024 for SAM, 128 for `tiny`)")
     init_seed: int = Field(0, description="seed of the random initialisation of `tiny` (the base an adapter is loaded onto)")
