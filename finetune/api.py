@@ -103,10 +103,29 @@ def evaluate(recipe: Recipe, checkpoint: str | Path, out: str | Path | None = No
     metrics["checkpoint"] = str(checkpoint)
     write_json_atomic(out_path, metrics)
     write_per_case(metrics, out_path.parent)
+    # the page beside the metrics, from the model and data already loaded (not read again)
+    page = report([out_path], out_path.parent / "report.html", loaded=LoadedModel(model, recipe, family, Path(checkpoint), device), data=data)
     if not quiet:
         print_results({Path(checkpoint).name: metrics}, recipe)
-        print(f"{metrics['headline']} mIoU {metrics['miou']:.3f}; written to {out_path}")
+        print(f"{metrics['headline']} mIoU {metrics['miou']:.3f}; written to {out_path}; report: {page}")
     return metrics
+
+
+def report(runs, out: str | Path | None = None, *, cases: int = 4, max_samples: int = 64, device: str = "cpu",
+           loaded: LoadedModel | None = None, data=None) -> Path:  # fmt: skip
+    """One static HTML page (no server, no network) of one or more run folders (or metrics JSON
+    files of ``samtune evaluate``): protocol, per-class tables and charts before/after, learning
+    curves, mIoU by round, the ``cases`` best and worst validation cases predicted again from each
+    run's best checkpoint (at most ``max_samples`` samples scored), recipe, parameters, skipped
+    cases; a comparison table first when there are several. Default ``out``:
+    ``<first run>/report.html``; returns the file written. ``loaded``/``data``: the model and data
+    of the first run when already in memory (``evaluate`` passes its own)."""
+    from samtune.finetune.recipe import dump_recipe
+    from samtune.finetune.report import write_report
+
+    paths = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    recipe_text = dump_recipe(loaded.recipe) if loaded is not None else None
+    return write_report(paths, out, cases=cases, max_samples=max_samples, device=device, loaded=loaded, data=data, recipe_text=recipe_text)
 
 
 def export_checkpoint(recipe: Recipe, checkpoint: str | Path, fmt: str, out: str | Path) -> list[Path]:

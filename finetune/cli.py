@@ -128,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--prune", action="store_true", help="remove stale caches instead of building")
 
+    p = sub.add_parser(
+        "report",
+        help="write one static HTML report of runs: tables, charts, best/worst cases (opens from disk, no network)",
+        description="Write one HTML file (images embedded, no server or network needed) for one or more run folders "
+        "written by `samtune train` (or metrics JSON files of `samtune evaluate`): each part's evaluation protocol, "
+        "per-class IoU/Dice before and after fine-tuning (per-case 3D Dice/HD95/NSD for volumes), bar charts, learning "
+        "curves, mIoU/mDice by prompt round, the best and worst validation cases predicted again from the best checkpoint, "
+        "the recipe, parameter counts, skipped cases. Several runs: a comparison table first.",
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders (output.dir of `samtune train`) or metrics JSON files")
+    p.add_argument("--out", type=Path, default=None, help="HTML file to write (default: FIRST_RUN_DIR/report.html)")
+    p.add_argument("--cases", type=int, default=4, metavar="N", help="best and worst validation cases shown per run (0: no montage)")
+    p.add_argument("--max-samples", type=int, default=64, metavar="N", help="at most N validation samples predicted and scored per run")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+
     sub.add_parser("recipe-keys", help="print every recipe key with its default and meaning (Markdown)")
     return parser
 
@@ -145,6 +160,12 @@ def _run(args: argparse.Namespace) -> int:
         made = generate_demo_data(args.out, seed=args.seed, kinds=kinds)
         for kind, path in made.items():
             print(f"{kind}: {path}")
+        return 0
+
+    if args.command == "report":  # torch is imported only when a montage is predicted
+        from samtune.finetune.report import write_report
+
+        print(write_report(args.runs, args.out, cases=args.cases, max_samples=args.max_samples, device=args.device))
         return 0
 
     from samtune.finetune.recipe import dump_recipe, load_recipe

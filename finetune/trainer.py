@@ -33,6 +33,7 @@ from samtune.finetune.automatic import class_logits, class_low_res
 from samtune.finetune.losses import AutomaticLoss, make_mask_loss
 from samtune.finetune.optim import build_optimizer, build_scheduler
 from samtune.finetune.recipe import Recipe, dump_recipe
+from samtune.finetune.report import report_after_run
 from samtune.finetune.reporting import baseline_summary, json_ready, print_results, write_per_case
 from samtune.finetune.distributed import Ranks, gather, init_from_env, main_first, mean_across_ranks, shutdown
 from samtune.finetune.resume import (
@@ -375,6 +376,7 @@ def _train(recipe: Recipe, resume, resume_force: bool, ranks: Ranks, rank_device
         return result
     write_json_atomic(out / "metrics.json", result)
     write_per_case(metrics, out)
+    report_after_run(out, device)  # report.html: tables, charts, best and worst cases (a failure is only a warning)
     print_results({"before fine-tuning": baseline, f"after {result['step']} steps": metrics}, recipe)
     print(f"{metrics['headline']} mIoU {baseline['miou']:.3f} -> {metrics['miou']:.3f} ({metrics['miou'] - baseline['miou']:+.3f}); files in {out}")
     return result

@@ -35,6 +35,7 @@ _API = {
     "train": "samtune.finetune.api",
     "evaluate": "samtune.finetune.api",
     "load_model": "samtune.finetune.api",
+    "report": "samtune.finetune.api",
     "LoadedModel": "samtune.finetune.api",
     "Recipe": "samtune.finetune.recipe",
 }

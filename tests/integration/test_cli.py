@@ -52,7 +52,7 @@ def test_train_writes_exactly_the_documented_files(ct_run):
         # README.md: the model card peft writes with every adapter
         assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "classes.json", "recipe.yaml", "trainer_state.json"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]  # no temp leftovers
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.json", "per_case.csv", "recipe.yaml", "states", "tensorboard"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.json", "per_case.csv", "recipe.yaml", "report.html", "states", "tensorboard"]
     # a training state at the evaluation of step 12 (none at the last step: the run is complete)
     assert sorted(p.name for p in (run / "states").iterdir()) == ["step_000012"]
     assert sorted(p.name for p in (run / "states" / "step_000012").iterdir()) == [
