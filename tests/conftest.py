@@ -202,3 +202,25 @@ def _same_as_official(ours: dict, theirs: dict, ev) -> list[str]:
 def same_as_official():
     """``same_as_official(ours, theirs, ev)``: our semantic scores against cityscapesScripts'."""
     return _same_as_official
+
+
+@pytest.fixture(scope="session")
+def both_task_run(phantom_template, tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe, run folder) of a finished 2-step task-both run with one corrective round on 2
+    validation cases (so best and worst differ), for the report tests; do not modify."""
+    import yaml
+
+    from samtune.finetune.cli import main
+
+    tmp = tmp_path_factory.mktemp("both_run")
+    shutil.copytree(phantom_template, tmp / "data")
+    recipe = {
+        "seed": 0, "task": "both", "data": {"kind": "nifti", "root": str(tmp / "data"), "val_fraction": 0.67},
+        "model": {"name": "tiny", "image_size": 64},
+        "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "eval_every": 2, "log_every": 2, "image_every": 0},
+        "prompts": {"corrective_rounds": 1}, "eval": {"batch_size": 8, "max_samples": 12},
+        "output": {"dir": str(tmp / "run")},
+    }  # fmt: skip
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["-q", "train", str(tmp / "recipe.yaml")]) == 0
+    return tmp / "recipe.yaml", tmp / "run"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from samtune.finetune.cli import main
 
@@ -46,21 +45,11 @@ def run_browser(browser: str, profile: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def report(phantom_template, tmp_path_factory) -> Path:
+def report(both_task_run, tmp_path_factory) -> Path:
     """The report of a 2-step task-both run with one corrective round (every chart and both montages)."""
-    tmp = tmp_path_factory.mktemp("browser")
-    shutil.copytree(phantom_template, tmp / "data")
-    recipe = {
-        "seed": 0, "task": "both", "data": {"kind": "nifti", "root": str(tmp / "data"), "val_fraction": 0.67},
-        "model": {"name": "tiny", "image_size": 64},
-        "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "eval_every": 2, "log_every": 2, "image_every": 0},
-        "prompts": {"corrective_rounds": 1}, "eval": {"batch_size": 8, "max_samples": 12},
-        "output": {"dir": str(tmp / "run")},
-    }  # fmt: skip
-    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    assert main(["-q", "train", str(tmp / "recipe.yaml")]) == 0
-    assert main(["-q", "report", str(tmp / "run"), "--cases", "2", "--device", "cpu"]) == 0
-    return tmp / "run" / "report.html"
+    out = tmp_path_factory.mktemp("browser") / "report.html"
+    assert main(["-q", "report", str(both_task_run[1]), "--out", str(out), "--cases", "2", "--device", "cpu"]) == 0
+    return out
 
 
 def test_every_image_loads_in_chromium(browser, report, tmp_path):

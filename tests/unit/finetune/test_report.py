@@ -79,21 +79,9 @@ class Page(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def trained(phantom_template, tmp_path_factory):
+def trained(both_task_run):
     """A 2-step task-both run with one corrective round on 2 validation cases (so best and worst differ)."""
-    tmp = tmp_path_factory.mktemp("report")
-    root = tmp / "data"
-    shutil.copytree(phantom_template, root)
-    recipe = {
-        "seed": 0, "task": "both", "data": {"kind": "nifti", "root": str(root), "val_fraction": 0.67},
-        "model": {"name": "tiny", "image_size": 64},
-        "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "eval_every": 2, "log_every": 2, "image_every": 0},
-        "prompts": {"corrective_rounds": 1}, "eval": {"batch_size": 8, "max_samples": 12},
-        "output": {"dir": str(tmp / "run")},
-    }  # fmt: skip
-    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    assert main(["-q", "train", str(tmp / "recipe.yaml")]) == 0
-    return tmp / "recipe.yaml", tmp / "run"
+    return both_task_run
 
 
 @pytest.fixture(scope="module")
