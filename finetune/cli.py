@@ -143,6 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=64, metavar="N", help="at most N validation samples predicted and scored per run")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
 
+    p = sub.add_parser(
+        "fastsam",
+        help="fine-tune FastSAM (YOLOv8-seg, optional extra) on the recipe's data and score it like the semantic evaluation",
+        description="FastSAM beside SAM + LoRA: export the recipe's train/validation data in YOLO segmentation format "
+        "(OUT/yolo_data/), train FastSAM on the recipe's classes with Ultralytics' trainer (OUT/train/) and score it on every "
+        "validation image/slice with samtune's semantic metrics (OUT/metrics.json). Needs pip install \"samtune[fastsam]\" "
+        "(ultralytics + torchvision, which replace torch by the release torchvision needs: use a separate environment); "
+        "--export-only needs nothing extra.",
+    )
+    _add_recipe_args(p)
+    p.add_argument("--weights", default="FastSAM-s.pt", help="FastSAM checkpoint (FastSAM-s.pt, FastSAM-x.pt) or a model YAML for random init (yolov8n-seg.yaml)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: OUTPUT/fastsam)")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the recipe's model.image_size)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--conf", type=float, default=0.25, help="confidence threshold of predicted instances in the evaluation")
+    p.add_argument("--device", default="cpu", help="cpu, 0 (first GPU), ...: Ultralytics' device string")
+    p.add_argument("--export-only", action="store_true", help="only write the YOLO-format data (no ultralytics needed)")
+
     sub.add_parser("recipe-keys", help="print every recipe key with its default and meaning (Markdown)")
     return parser
 
@@ -203,6 +222,15 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{len(done['removed'])} stale caches removed; kept {', '.join(done['kept']) or 'none'}")
         for c in done.get("caches", []):
             print(f"{c['folder']}: {c['entries']} of {c['images']} images cached, {c['mb']:.1f} MB")
+        return 0
+    if args.command == "fastsam":
+        from samtune.finetune.fastsam import run
+
+        out = args.out or Path(recipe.output.dir) / "fastsam"
+        run(recipe, args.weights, out, epochs=args.epochs, image_size=args.image_size or recipe.model.image_size, batch=args.batch,
+            device=args.device, conf=args.conf, export_only=args.export_only, progress=not args.quiet)  # fmt: skip
+        if args.export_only:
+            print(out / "yolo_data" / "data.yaml")
         return 0
     if args.command == "validate":
         print(dump_recipe(recipe), end="")
