@@ -220,6 +220,7 @@ def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
 def get_family(name: str) -> ModelFamily:
     import samtune.adapters.mobile_sam  # noqa: F401
     import samtune.adapters.sam  # noqa: F401  (registers the built-in families)
+    import samtune.adapters.sam2  # noqa: F401
 
     if name not in _FAMILIES:
         raise SamtuneError(f"unknown model family {name!r}; {did_you_mean(name, _FAMILIES)}(known: {', '.join(_FAMILIES)})")
@@ -229,5 +230,6 @@ def get_family(name: str) -> ModelFamily:
 def list_families() -> list[str]:
     import samtune.adapters.mobile_sam  # noqa: F401
     import samtune.adapters.sam  # noqa: F401
+    import samtune.adapters.sam2  # noqa: F401
 
     return sorted(_FAMILIES)

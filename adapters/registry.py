@@ -41,6 +41,7 @@ def register_model(variant: ModelVariant) -> ModelVariant:
 def _builtin() -> dict[str, ModelVariant]:
     import samtune.adapters.mobile_sam  # noqa: F401  (registers the MobileSAM variants)
     import samtune.adapters.sam  # noqa: F401  (registers the SAM variants)
+    import samtune.adapters.sam2  # noqa: F401  (registers the SAM 2 variants)
 
     return _REGISTRY
 

@@ -184,8 +184,10 @@ class PromptedDataset(Dataset):
             self.augment = augment
 
     def _scaled_box_mask(self, target: np.ndarray, original: tuple[int, int]) -> np.ndarray:
-        scale = self.image_size / max(original)
+        # per axis, as the transform resizes (SAM 2 stretches to a square; SAM keeps the aspect ratio)
+        h, w = self.transform.resized_shape(original)
+        scale_y, scale_x = h / original[0], w / original[1]
         ys, xs = np.nonzero(target)
         mask = np.zeros((self.image_size, self.image_size), bool)
-        mask[int(ys.min() * scale) : int(ys.max() * scale) + 1, int(xs.min() * scale) : int(xs.max() * scale) + 1] = True
+        mask[int(ys.min() * scale_y) : int(ys.max() * scale_y) + 1, int(xs.min() * scale_x) : int(xs.max() * scale_x) + 1] = True
         return mask

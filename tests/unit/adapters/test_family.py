@@ -33,7 +33,8 @@ def test_prompted_forward_backward_reaches_the_encoder(family_model):
     transform = family.make_transform(SIZE)
     image = (torch.rand(40, 64, 3) * 255).to(torch.uint8).numpy()
     out = transform(image=image, mask=image[:, :, 0] > 128)
-    assert transform.resized_shape((40, 64)) == (40, 64)
+    h, w = transform.resized_shape((40, 64))  # SAM: longest side to S, padded (40×64); SAM 2: a square resize (64×64)
+    assert out["image"].shape == (SIZE, SIZE, 3) and max(h, w) == SIZE and (h, w) in {(40, 64), (SIZE, SIZE)}
     pixels = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())[None]
     embeddings = family.encode_images(model, pixels.requires_grad_(False))
     assert isinstance(embeddings, ImageEmbeddings)
@@ -43,7 +44,7 @@ def test_prompted_forward_backward_reaches_the_encoder(family_model):
     assert low_res.shape[:2] == (2, 1) and iou.shape == (2, 1)
     up = family.upscale_logits(low_res, SIZE)
     assert up.shape == (2, 1, SIZE, SIZE)
-    assert family.logits_to_original(up[0], (40, 64), (80, 128)).shape == (80, 128)
+    assert family.logits_to_original(up[0], (h, w), (80, 128)).shape == (80, 128)
     up.square().mean().backward()
     encoder_grads = [p.grad for n, p in model.named_parameters() if n.startswith(family.image_encoder + ".")]
     assert any(g is not None and g.abs().sum() > 0 for g in encoder_grads)
@@ -102,7 +103,8 @@ def test_class_prompts_decode_every_class_and_train(family_model):
     low_res = family.decode_classes(model, embeddings, tokens)
     assert low_res.shape[:2] == (2, 3)
     # class k of image b is the prompt k alone: the same as decoding that prompt by itself
-    alone = family.decode_classes(model, ImageEmbeddings(embeddings.image_embeddings[1:]), tokens[2:])
+    second = ImageEmbeddings(embeddings.image_embeddings[1:], tuple(f[1:] for f in embeddings.high_res_features))
+    alone = family.decode_classes(model, second, tokens[2:])
     torch.testing.assert_close(alone[0, 0], low_res[1, 2], atol=1e-5, rtol=1e-4)
     low_res.square().mean().backward()
     assert model.class_prompts.tokens.grad is not None and model.class_prompts.tokens.grad.abs().sum() > 0
