@@ -170,6 +170,15 @@ class ModelFamily(ABC):
 
     export_formats: tuple[str, ...] = ()
 
+    # --- volumes ---
+    def video_model(self, model, variant: "ModelVariant", checkpoint: str | None):
+        """A tracker with memory that carries one prompted slice through a volume as through video
+        frames (SAM 2's video model), holding ``model``'s weights (LoRA merged); ``variant`` and
+        ``checkpoint`` (the recipe's base weights) say where the memory modules come from. None: the
+        family has no memory, and volumes are followed slice by slice with boxes
+        (samtune.finetune.propagation)."""
+        return None
+
     # --- what trains ---
     def trainable_modules(self, mode: str, model=None) -> tuple[str, ...]:
         """Top-level modules trained in full in ``train.mode`` (``lora``: besides the LoRA

@@ -483,6 +483,38 @@ def video_model_from(image_model, official=None):
     return model.eval()
 
 
+def _video_model_hf(image_model, source: str):
+    """``video_model_from`` with the memory modules of a Hugging Face folder or hub repo saved from
+    ``Sam2VideoModel`` (what ``facebook/sam2.1-hiera-*`` hold for video use); a folder saved from
+    ``Sam2Model`` has none, which is an error rather than a silently random memory."""
+    from transformers import Sam2VideoModel
+
+    try:
+        pretrained, info = Sam2VideoModel.from_pretrained(source, output_loading_info=True)
+    except (OSError, ValueError) as exc:  # offline, unknown hub id, no weights, not a SAM 2 config
+        raise SamtuneError(
+            f"could not load SAM 2's memory modules from {source!r} for volume propagation: {exc}\n"
+            "Set model.checkpoint to the official .pt file (e.g. sam2.1_hiera_tiny.pt, MedSAM2_latest.pt) or a local folder saved from Sam2VideoModel."
+        ) from None
+    lacking = [k for k in info.get("missing_keys", []) if is_video_only_hf(k)]
+    if lacking:
+        raise SamtuneError(f"{source}: holds no memory modules ({len(lacking)} missing, e.g. {lacking[0]}): it was saved from the image model. "
+                           "Set model.checkpoint to the official .pt file for memory propagation, or use eval.propagation=box.")  # fmt: skip
+    from samtune.adapters.export import merge_model
+
+    image = merge_model(image_model)
+    state = {k: v for k, v in image.state_dict().items() if not k.startswith(CLASS_PROMPTS + ".")}
+    config = sam2_video_config(image.config)
+    for key in ("memory_attention_num_layers", "enable_occlusion_spatial_embedding", "enable_temporal_pos_encoding_for_object_pointers"):
+        setattr(config, key, getattr(pretrained.config, key))  # what differs between SAM 2.0, 2.1 and MedSAM2
+    video = Sam2VideoModel(config)
+    memory = {k: v for k, v in pretrained.state_dict().items() if is_video_only_hf(k)}
+    missing, unexpected = video.load_state_dict({**state, **memory}, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: its memory modules do not fit this model (missing {missing[:8]}, unexpected {unexpected[:8]}).")
+    return video.eval()
+
+
 _HF_VIDEO_PREFIXES = tuple(hf for _, hf in _VIDEO_PREFIXES)
 
 
@@ -549,6 +581,20 @@ class Sam2Family(ModelFamily):
                 "point it at e.g. sam2.1_hiera_tiny.pt or a folder with config.json and model.safetensors."
             )
         return _load_hf(source, variant.name, path, image_size)  # a folder, or a hub id (facebook/sam2.1-hiera-tiny has a "suffix")
+
+    def video_model(self, model, variant: ModelVariant, checkpoint: str | None):
+        """Memory modules from the official file (``model.checkpoint: *.pt``), from a Hugging Face
+        folder or hub id saved from ``Sam2VideoModel``, or at random init for random variants
+        (then propagation shows only that the path runs: an untrained memory carries nothing)."""
+        source = checkpoint if checkpoint is not None else variant.hub_id
+        if source is None:
+            if variant.make_config is None:
+                raise SamtuneError(f"model.name={variant.name!r}: memory propagation needs its official weights file; set model.checkpoint "
+                                   f"({_OFFICIAL_FILES.get(variant.name, 'the .pt file')}).")  # fmt: skip
+            return video_model_from(model)
+        if Path(source).is_file():
+            return video_model_from(model, Path(source))
+        return _video_model_hf(model, source)
 
     @staticmethod
     def _config_of(variant: ModelVariant, image_size: int) -> Sam2Config:

@@ -109,6 +109,58 @@ def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recip
     return metrics
 
 
+def propagation_protocol(recipe: Recipe, way: str, memory_note: str) -> dict:
+    return {
+        "prompts": "one tight box (jitter 0) per class and case, from the ground truth of the slice where the class covers the most pixels",
+        "propagation": {"memory": "SAM 2's video tracker: slices as frames, memory attention, both directions from the prompted slice; "
+                                  "slices its object score rejects are empty",
+                        "box": "slice by slice in both directions, each slice prompted with the bounding box (+10 %, at least 2 px) of the mask "
+                               "predicted on the slice before it; the object ends at the first empty prediction"}[way] + memory_note,  # fmt: skip
+        "scored": "per case in 3D (Dice, HD95, NSD) over the whole volume: every slice counts, prompted or not",
+        "resolution": "original slice resolution (logits resized back from the model input)",
+        "empty_mask_rule": EMPTY_MASK_RULE,
+    }
+
+
+@torch.no_grad()
+def evaluate_propagation(model, family: ModelFamily, source, class_names: dict[int, str], recipe: Recipe, device: torch.device,
+                         desc: str = "eval (propagate)") -> dict:  # fmt: skip
+    """``eval.volume_mode: propagate``: per validation case and class present, one tight box on the
+    class's largest slice, carried through the volume (``samtune.finetune.propagation``)."""
+    import numpy as np
+
+    from samtune.adapters.registry import get_variant
+    from samtune.finetune.propagation import SlicePrompt, bbox, make_propagator
+
+    was_training = model.training
+    model.eval()
+    source = source.every_slice()
+    transform = family.make_transform(recipe.model.image_size or get_variant(recipe.model.name).default_image_size)
+    propagate, way = make_propagator(recipe.eval.propagation, model, family, get_variant(recipe.model.name), recipe.model.checkpoint, transform, device)
+    memory_note = ""
+    if way == "memory" and recipe.model.checkpoint is None and get_variant(recipe.model.name).make_config is not None:
+        memory_note = " (memory modules at random init: this model has no pretrained memory)"
+    slices: dict[str, dict[int, int]] = {}
+    for index in range(len(source)):
+        case, z = source.slice_position(index)
+        slices.setdefault(case, {})[z] = index
+    volumes = VolumeMetricAccumulator(source, class_names)
+    todo = [(case, cid) for case in sorted(slices) for cid in class_names]
+    for case, class_id in tqdm(todo, desc=desc, leave=False, unit="object", disable=None):
+        label = np.asarray(source.case_volume(case)[0]) == class_id
+        if not label.any():
+            continue
+        z0 = int(label.reshape(len(label), -1).sum(1).argmax())
+        indexes = slices[case]
+
+        def load(z: int, indexes=indexes) -> np.ndarray:
+            return source.load(indexes[z])[0]
+
+        volumes.add_volume(case, class_id, propagate(load, len(label), SlicePrompt(z0, box=bbox(label[z0]))))
+    model.train(was_training)
+    return {"volume": volumes.result(), "propagation": way, "protocol": propagation_protocol(recipe, way, memory_note)}
+
+
 def evaluate_all(model, family: ModelFamily, data, recipe: Recipe, device: torch.device, desc: str = "eval", predictions=None) -> dict:
     """``{"prompted": ..., "semantic": ..., "headline": name, "miou", "mdice"}`` for the parts the
     recipe's task has (``data``: a ``DataBundle``); ``predictions``: folder for semantic label maps."""
@@ -124,6 +176,10 @@ def evaluate_all(model, family: ModelFamily, data, recipe: Recipe, device: torch
         )  # fmt: skip
         semantic["protocol"] = semantic_protocol(recipe)
         out["semantic"] = semantic
+    source = data.val.source if data.val is not None else data.val_semantic.source if data.val_semantic is not None else None
+    if recipe.eval.volume_mode == "propagate" and source is not None and source.volumetric:
+        names = data.val.class_names if data.val is not None else dict(zip(data.space.ids, data.space.names))
+        out["propagated"] = evaluate_propagation(model, family, source, names, recipe, device, f"{desc} (propagate)")
     out["headline"] = "semantic" if "semantic" in out else "prompted"
     out["miou"] = out[out["headline"]]["miou"]
     out["mdice"] = out[out["headline"]]["mdice"]

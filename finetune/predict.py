@@ -3,9 +3,9 @@
 - Automatic (default when the checkpoint has class prompts): every class of every slice/image,
   fused into one label map (``samtune.finetune.automatic``).
 - Prompted (``--prompts FILE``): boxes and/or points per class from a JSON file (format in the
-  README, ``load_prompts``); on a volume the prompt is given on one slice and propagated slice by
-  slice in both directions (the next box is the previous mask's box plus a margin) until the mask
-  vanishes.
+  README, ``load_prompts``); on a volume the prompt is given on one slice and carried through the
+  volume in both directions (``eval.propagation``: SAM 2's memory, or slice by slice with the
+  previous mask's box plus a margin until the mask vanishes; samtune.finetune.propagation).
 
 Outputs, per input: a volume -> ``<name>.nii.gz`` on exactly the scan's grid (shape, affine,
 sform/qform and codes from its header; ``samtune.datasets.nifti_geometry``) and ``<name>.json``
@@ -34,10 +34,10 @@ from samtune.finetune.automatic import has_class_prompts, predict_index_maps
 from samtune.finetune.label_files import write_label_png, write_overlay
 from samtune.finetune.checkpoints import read_classes
 from samtune.finetune.prompt_file import Prompt, PromptSet, load_prompts
+from samtune.finetune.propagation import SlicePrompt, make_propagator, predict_slice
 
 log = logging.getLogger(__name__)
 
-_MARGIN = 0.1  # propagation: the previous mask's box grown by 10% of its size on each side (at least 2 px)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -68,6 +68,7 @@ class Predictor:
         if classes is None:
             raise SamtuneError(f"--checkpoint {loaded.checkpoint}: classes.json is missing (written by `samtune train` since automatic mode); retrain or evaluate it instead.")
         self.space = LabelSpace.from_dict(classes["label_space"])
+        self._propagator = None
 
     # --- automatic ---
     @torch.no_grad()
@@ -80,35 +81,20 @@ class Predictor:
             yield from zip((m["index"] for m in batch["meta"]), maps)
 
     # --- prompted ---
-    @torch.no_grad()
     def prompted_mask(self, image: np.ndarray, box: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None) -> np.ndarray:
         """H×W bool mask of one image from a box (x0, y0, x1, y1: pixel edges, x1 one past the last
         column, as training's boxes) and/or points (x, y: pixel indices, column and row), original px."""
-        original = image.shape[:2]
-        out = self.transform(image=image, mask=np.zeros(original, np.uint8))
-        pixels = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())[None].to(self.device)
-        resized = self.transform.resized_shape(original)
-        scale = np.array([resized[1] / original[1], resized[0] / original[0]])
-        embeddings = self.family.encode_images(self.model, pixels)
-        boxes = torch.tensor((box.reshape(2, 2) * scale).reshape(1, 4), dtype=torch.float32, device=self.device) if box is not None else None
-        pts = lbl = None
-        if points is not None:
-            # pixel indices, as training samples them in the resized frame: the centre (c + 0.5) scales
-            pts = torch.tensor((points + 0.5) * scale - 0.5, dtype=torch.float32, device=self.device)[None]
-            lbl = torch.tensor(labels, dtype=torch.long, device=self.device)[None]
-        multimask = box is None and points is not None and len(points) == 1
-        low_res, iou = self.family.decode_prompts(self.model, embeddings, boxes, pts, lbl, multimask_output=multimask)
-        logits = self.family.upscale_logits(low_res.float(), self.transform.image_size)[0]
-        best = int(iou[0].argmax()) if multimask else 0
-        return (self.family.logits_to_original(logits[best : best + 1], resized, original) > 0).cpu().numpy()
+        return predict_slice(self.model, self.family, self.transform, self.device, image, box, points, labels)
 
+    def propagator(self):
+        """How a prompt on one slice is carried through a volume (``eval.propagation`` of the recipe)."""
+        if self._propagator is None:
+            from samtune.adapters.registry import get_variant
 
-def _bbox(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-    mx, my = max(2.0, _MARGIN * (x1 - x0)), max(2.0, _MARGIN * (y1 - y0))
-    h, w = mask.shape
-    return np.array([max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)], float)
+            recipe = self.loaded.recipe
+            self._propagator = make_propagator(recipe.eval.propagation, self.model, self.family, get_variant(recipe.model.name),
+                                               recipe.model.checkpoint, self.transform, self.device, self.prompted_mask)  # fmt: skip
+        return self._propagator
 
 
 def _check_pixel(prompt: Prompt, shape: tuple[int, int], name: str) -> None:
@@ -360,15 +346,10 @@ def _display_prompt(p: Prompt, coordinates: str, path: Path, meta: dict):
     return z, box, pts
 
 
-def _propagate(predictor: Predictor, source, label: np.ndarray, z0: int, box, points, labels, value: int) -> None:
-    """Predict the prompted slice, then follow the object slice by slice both ways while it lasts."""
-    image0, _ = source.load(z0)
-    first = predictor.prompted_mask(image0, box, points, labels)
-    label[z0][first] = value
-    for step in (1, -1):
-        previous, z = first, z0 + step
-        while 0 <= z < len(label) and previous.any():
-            image, _ = source.load(z)
-            mask = predictor.prompted_mask(image, _bbox(previous), None, None)
-            label[z][mask] = value
-            previous, z = mask, z + step
+def _propagate(predictor: Predictor, source, label: np.ndarray, z0: int, box, points, labels, value: int) -> str:
+    """Predict the prompted slice, then follow the object through the volume both ways
+    (samtune.finetune.propagation); returns the way it was followed ("memory" or "box")."""
+    propagate, way = predictor.propagator()
+    volume = propagate(lambda z: source.load(z)[0], len(label), SlicePrompt(z0, box, points, None if labels is None else np.asarray(labels)))
+    label[volume] = value
+    return way

@@ -41,9 +41,9 @@ DataSection = _data_union()
 
 
 class ModelSection(_Section):
-    name: str = Field("tiny", description="registry name: `tiny`, `sam-vit-base`, `sam-vit-large`, `sam-vit-huge`, `medsam-vit-base`, `mobile-sam` (TinyViT encoder; `model.checkpoint: mobile_sam.pt`), `mobile-sam-tiny`")
+    name: str = Field("tiny", description="registry name: `tiny`, `sam-vit-base`, `sam-vit-large`, `sam-vit-huge`, `medsam-vit-base`, `mobile-sam` (TinyViT encoder; `model.checkpoint: mobile_sam.pt`), `mobile-sam-tiny`, `sam2-hiera-tiny|small|base-plus|large` (SAM 2.1), `medsam2` (`model.checkpoint: MedSAM2_latest.pt`, 512 px), `sam2-tiny-random`, `tiny-pretrained` (`tiny` pretrained on generated shapes, shipped with samtune)")
     checkpoint: Optional[str] = Field(None, description="official SAM/MedSAM `.pth`, Hugging Face folder or hub id (default: the name's hub id; random init for `tiny`)")
-    image_size: Optional[int] = Field(None, ge=32, description="model input size in px, longest side (default: the model's own, 1024 for SAM, 128 for `tiny`)")
+    image_size: Optional[int] = Field(None, ge=32, description="model input size in px, longest side for SAM (padded to a square), the square SAM 2 resizes to (default: the model's own, 1024 for SAM, 128 for `tiny`)")
     init_seed: int = Field(0, description="seed of the random initialisation of `tiny` (the base an adapter is loaded onto)")
     attention: Literal["sdpa", "fused_relpos", "eager"] = Field("sdpa", description="image-encoder attention: `sdpa` (PyTorch's fused attention with the relative-position bias as a mask), `fused_relpos` (the bias folded into the query·key product: no N×N mask, so flash kernels apply), `eager` (plain matmuls); the same numbers up to rounding")
 
@@ -158,6 +158,8 @@ class EvalSection(_Section):
     batch_size: int = Field(16, ge=1, description="prompted samples (or images, semantic) per evaluation batch")
     max_samples: Optional[int] = Field(None, ge=1, description="evaluate on at most N validation samples (a fixed, seeded subset; prompted evaluation only, per-case 3D metrics then need the semantic path)")
     box_jitter_px: float = Field(0.0, ge=0, description="prompted evaluation: box edges moved outward by uniform 0..N px (input px, seeded per sample); 0 = the tight box of the ground truth")
+    volume_mode: Literal["slices", "propagate"] = Field("slices", description="volumes (NIfTI): `slices` = every slice holding an organ gets its own prompt (the prompted evaluation); `propagate` = also one tight box per organ and case, on the slice where the organ is largest, carried through the volume (`eval.propagation`) and scored per case in 3D (`propagated` in metrics.json)")
+    propagation: Literal["auto", "memory", "box"] = Field("auto", description="how `eval.volume_mode: propagate` and `samtune predict` with a prompt on one slice follow an organ through the volume: `memory` = SAM 2's video tracker (slices as frames, memory attention; SAM 2 families), `box` = slice by slice from the box of the previous slice's mask (every family), `auto` = memory where the family has it")
     save_predictions: bool = Field(False, description="semantic evaluation: write each validation image's label map into `<out>/predictions/` (Cityscapes: `*_gtFine_labelIds.png` at the original resolution, named like the ground truth; NIfTI: one label volume per case)")
 
 

@@ -45,6 +45,23 @@ def print_results(columns: dict[str, dict], recipe: Recipe) -> None:
         ))  # fmt: skip
         if "volume" in last["semantic"]:
             print(describe_volume(last["semantic"], "semantic, per case 3D (whole predicted volumes)"))
+    if "propagated" in last:
+        print(describe_propagation(last))
+
+
+def describe_propagation(metrics: dict) -> str:
+    """The propagated part: the per-case 3D summary, and per case and class its Dice beside the
+    slice-by-slice prompted Dice when both were evaluated."""
+    part = metrics["propagated"]
+    lines = [describe_volume(part, f"PROPAGATED validation ({part['propagation']}, one box per organ and case), per case 3D")]
+    if "volume" in metrics.get("prompted", {}):
+        slices = {(s["case"], name): s["dice"] for name, c in metrics["prompted"]["volume"]["per_class"].items() for s in c["per_case"]}
+        lines.append(f"  {'case':<20} {'class':<16} {'Dice, box on every slice':>24} {'Dice, propagated':>17}")
+        for name, c in part["volume"]["per_class"].items():
+            for s in c["per_case"]:
+                if s["dice"] == s["dice"]:  # not NaN: the class is in the case
+                    lines.append(f"  {s['case']:<20} {name:<16} {slices.get((s['case'], name), float('nan')):>24.3f} {s['dice']:>17.3f}")
+    return "\n".join(lines)
 
 
 def write_per_case(metrics: dict, out) -> None:

@@ -70,6 +70,10 @@ class VolumeMetricAccumulator:
         slices = self.predictions[case][class_id]
         slices[z] = slices[z] | pred if z in slices else pred.copy()
 
+    def add_volume(self, case: str, class_id: int, pred: np.ndarray) -> None:
+        """``pred``: Z×H×W bool prediction of one class in a whole case (propagation)."""
+        self.predictions[case][class_id] = {z: pred[z] for z in np.flatnonzero(pred.reshape(len(pred), -1).any(1))}
+
     def _prediction(self, case: str, class_id: int, shape: tuple[int, ...]) -> np.ndarray:
         pred = np.zeros(shape, bool)
         for z, mask in self.predictions[case][class_id].items():

@@ -383,29 +383,6 @@ def test_prompted_with_the_real_model(ct_model, small_scan, tmp_path):
             assert slices == list(range(slices[0], slices[-1] + 1)) and prompted_slice in slices
 
 
-def test_propagation_stops_where_the_mask_vanishes(ct_model, tmp_path):
-    """_propagate itself: a fake model whose mask shrinks by one pixel a slice away from z0."""
-    calls = []
-
-    class Fake:
-        def prompted_mask(self, image, box, points, labels):
-            calls.append(int(image[0, 0]))
-            mask = np.zeros(image.shape[:2], bool)
-            r = 3 - abs(int(image[0, 0]) - 5)  # radius 3 on slice 5, 1 two slices away, empty three away
-            if r > 0:
-                mask[10 - r : 10 + r, 10 - r : 10 + r] = True
-            return mask
-
-    class Slices:
-        def load(self, z):
-            return np.full((20, 20), z, np.uint8), None
-
-    label = np.zeros((12, 20, 20), np.uint8)
-    P._propagate(Fake(), Slices(), label, 5, np.array([5.0, 5, 15, 15]), None, None, 7)
-    assert sorted(set(np.nonzero(label)[0].tolist())) == [3, 4, 5, 6, 7]
-    assert sorted(calls) == [2, 3, 4, 5, 6, 7, 8]  # one empty slice each way, then no further
-
-
 # ------------------------------------------------------------------ images (PNG)
 
 
