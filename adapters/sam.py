@@ -154,6 +154,9 @@ def make_tiny_config(image_size: int = 128) -> SamConfig:
 
 
 register_model(ModelVariant("tiny", "sam", "random-init 4-block SAM for tests and the offline demo", 128, None, None, make_tiny_config))
+# `tiny` pretrained on generated shapes (tools/pretrain_tiny.py); the Hugging Face folder ships in the package
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+register_model(ModelVariant("tiny-pretrained", "sam", "the tiny SAM pretrained on generated shapes (offline demo)", 128, str(PRETRAINED_DIR / "tiny_shapes"), None))
 register_model(ModelVariant("sam-vit-base", "sam", "SAM ViT-B (Kirillov et al., 2023)", 1024, "facebook/sam-vit-base", "vit_b"))
 register_model(ModelVariant("sam-vit-large", "sam", "SAM ViT-L", 1024, "facebook/sam-vit-large", "vit_l"))
 register_model(ModelVariant("sam-vit-huge", "sam", "SAM ViT-H", 1024, "facebook/sam-vit-huge", "vit_h"))
@@ -193,6 +196,8 @@ def _init_random_sam(model: SamModel) -> None:
 def _load_hf(source: str, name: str, path: Path) -> SamModel:
     if path.is_dir() and not (path / "config.json").is_file():
         raise SamtuneError(f"{path}: not a Hugging Face model folder (no config.json).")
+    if path.is_absolute() and not path.exists():  # never a hub id: a missing folder (e.g. package data not installed)
+        raise SamtuneError(f"model.name={name!r}: its weights folder {path} does not exist; reinstall samtune (`pip install .`) or set model.checkpoint.")
     try:
         return SamModel.from_pretrained(source)
     except OSError as exc:  # offline, unknown hub id, or missing weight files

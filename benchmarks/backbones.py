@@ -4,8 +4,9 @@ prediction of a CT volume (every slice encoded once, all class prompts in one de
 as seconds and as a ratio to SAM ViT-B measured in the same run.
 
 Random weights (cost depends on shapes, not values), built from each family's architecture:
-``sam-vit-base`` (ViT-B, ``encoder_speed.sam_config``) and ``mobile-sam`` (TinyViT-5M,
-``adapters.mobile_sam.mobile_sam_config``); more backbones join as their families are registered.
+``sam-vit-base`` (ViT-B, ``encoder_speed.sam_config``), ``mobile-sam`` (TinyViT-5M,
+``adapters.mobile_sam.mobile_sam_config``) and ``sam2-hiera-tiny|small|base-plus|large`` (SAM 2.1,
+``adapters.sam2.sam2_config``).
 Timings interleave the backbones per repetition (median of ``--repeats``), so load on a shared
 machine hits all alike; on a shared CPU pass ``--threads 1``.
 
@@ -49,6 +50,14 @@ def build(name: str, image_size: int) -> SamModel:
         from samtune.adapters.mobile_sam import assemble, mobile_sam_config
 
         return assemble(mobile_sam_config(image_size))
+    if name.startswith("sam2-hiera-"):  # SAM 2.1 Hiera-T/S/B+/L image model (transformers Sam2Model)
+        from transformers import Sam2Model
+
+        from samtune.adapters.sam2 import HIERA, sam2_config, single_mask_token_only
+
+        model = Sam2Model(sam2_config(image_size, HIERA["hiera_" + name.removeprefix("sam2-hiera-").replace("-", "_")]))
+        single_mask_token_only(model)
+        return model
     raise ValueError(name)
 
 
@@ -64,7 +73,7 @@ def timed(fn, device: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["sam-vit-base", "mobile-sam"])
+    parser.add_argument("--models", nargs="+", default=["sam-vit-base", "mobile-sam", "sam2-hiera-tiny"])
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2, help="images per training step")
     parser.add_argument("--volume-slices", type=int, default=8, help="slices of the CT volume predicted (batches of --batch)")
