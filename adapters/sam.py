@@ -154,7 +154,7 @@ def make_tiny_config(image_size: int = 128) -> SamConfig:
 
 
 register_model(ModelVariant("tiny", "sam", "random-init 4-block SAM for tests and the offline demo", 128, None, None, make_tiny_config))
-# `tiny` pretrained on generated shapes (tools/pretrain_tiny.py); the Hugging Face folder ships in the package
+# `tiny` pretrained on generated shapes (benchmarks/pretrain_tiny.py); the Hugging Face folder ships in the package
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 register_model(ModelVariant("tiny-pretrained", "sam", "the tiny SAM pretrained on generated shapes (offline demo)", 128, str(PRETRAINED_DIR / "tiny_shapes"), None))
 register_model(ModelVariant("sam-vit-base", "sam", "SAM ViT-B (Kirillov et al., 2023)", 1024, "facebook/sam-vit-base", "vit_b"))

@@ -18,7 +18,7 @@ matrix, which official SAM keeps as a fixed buffer (PositionEmbeddingRandom).
 Data is deterministic: training batch ``t`` draws only from ``default_rng([seed, 0, t])``, held-out
 image ``i`` from ``default_rng([seed, 1, i])``.
 
-    .venv/bin/python tools/pretrain_tiny.py --steps 4000 --out adapters/pretrained/tiny_shapes
+    .venv/bin/python benchmarks/pretrain_tiny.py --steps 4000 --out adapters/pretrained/tiny_shapes
 
 writes ``config.json`` + ``model.safetensors`` (loaded by ``SamModel.from_pretrained``) and
 ``pretrain.yaml`` (the settings used, the loss curve, the final training loss and the held-out
@@ -436,8 +436,8 @@ def main(argv=None) -> int:
     saved.save_pretrained(str(args.out))
     total_seconds = time.perf_counter() - started
     record = {
-        "what": "tiny SAM (make_tiny_config(128), registry 'tiny' init_seed 0) pretrained on generated shapes by tools/pretrain_tiny.py",
-        "command": "tools/pretrain_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "what": "tiny SAM (make_tiny_config(128), registry 'tiny' init_seed 0) pretrained on generated shapes by benchmarks/pretrain_tiny.py",
+        "command": "benchmarks/pretrain_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": {"base": "tiny", "image_size": SIZE, "init_seed": 0, "trainable_parameters": n_params,
                   "frozen": ["shared_image_embedding.positional_embedding (random Fourier matrix, a buffer in official SAM)"],
@@ -447,7 +447,7 @@ def main(argv=None) -> int:
         "prompts_per_image": args.per_image,
         "loss": loss_cfg.model_dump(),
         "data": {
-            "generator": "tools/pretrain_tiny.py make_image: 1-8 shapes on a textured background, later shapes occlude earlier ones",
+            "generator": "benchmarks/pretrain_tiny.py make_image: 1-8 shapes on a textured background, later shapes occlude earlier ones",
             "shapes": dict(zip(SHAPES, SHAPE_P)),
             "textures": list(TEXTURES),
             "grey_images": 0.35,
