@@ -108,6 +108,12 @@ class MemoryTracker:
 
     def __init__(self, video_model, family, transform, device):
         self.video_model, self.family, self.transform, self.device = video_model.to(device).eval(), family, transform, device
+        # one box -> the single-mask token, as samtune's SAM 2 image model decodes it in training and
+        # evaluation (the official "dynamic multimask via stability" fallback would swap in a multimask
+        # token that fine-tuning never trained for boxes); the prompted slice then gets the image model's mask
+        for module in video_model.modules():
+            if hasattr(module, "dynamic_multimask_via_stability"):
+                module.dynamic_multimask_via_stability = False
 
     @torch.no_grad()
     def __call__(self, load: Callable[[int], np.ndarray], depth: int, prompt: SlicePrompt) -> np.ndarray:
