@@ -22,18 +22,22 @@ def test_demo_recipe_beats_its_baseline_on_a_small_phantom(phantom, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     baseline = metrics["baseline"]
     assert metrics["headline"] == "semantic" and metrics["miou"] == metrics["semantic"]["miou"]
-    for part in ("semantic", "prompted"):
-        assert metrics[part]["miou"] > baseline[part]["miou"] + 0.1, (part, baseline[part]["miou"], metrics[part]["miou"])
+    # the demo starts from tiny-pretrained: boxes already work before fine-tuning (measured 0.478 at
+    # 64 px on this phantom, random-init tiny ~0.03) and improve (0.519); the class prompts start random
+    assert baseline["prompted"]["miou"] > 0.3, baseline["prompted"]
+    assert metrics["prompted"]["miou"] > baseline["prompted"]["miou"] + 0.02, (baseline["prompted"]["miou"], metrics["prompted"]["miou"])
+    assert metrics["semantic"]["miou"] > baseline["semantic"]["miou"] + 0.1, (baseline["semantic"]["miou"], metrics["semantic"]["miou"])
     assert metrics["semantic"]["volume"]["mdice"] > 0.2  # whole predicted volumes, every slice
 
 
 @pytest.mark.slow
 def test_full_demo_matches_the_readme(tmp_path, monkeypatch):
-    """`samtune train recipes/demo.yaml` as the README runs it (about 3 minutes on 2 cores)."""
+    """`samtune train recipes/demo.yaml` as the README runs it (about 4 minutes on 2 cores)."""
     monkeypatch.chdir(tmp_path)
     assert main(["-q", "train", str(DEMO), f"output.dir={tmp_path / 'run'}"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["baseline"]["semantic"]["miou"] == pytest.approx(0.009, abs=0.002)
-    assert metrics["semantic"]["miou"] == pytest.approx(0.756, abs=0.01)
-    assert metrics["prompted"]["miou"] == pytest.approx(0.697, abs=0.01)
-    assert metrics["semantic"]["volume"]["mdice"] == pytest.approx(0.856, abs=0.01)
+    assert metrics["baseline"]["prompted"]["miou"] == pytest.approx(0.623, abs=0.01)  # zero-shot tiny-pretrained
+    assert metrics["baseline"]["semantic"]["miou"] == pytest.approx(0.0, abs=0.002)  # random class prompts
+    assert metrics["semantic"]["miou"] == pytest.approx(0.723, abs=0.01)
+    assert metrics["prompted"]["miou"] == pytest.approx(0.758, abs=0.01)
+    assert metrics["semantic"]["volume"]["mdice"] == pytest.approx(0.836, abs=0.01)
