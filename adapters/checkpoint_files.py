@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-
 from samtune import SamtuneError
 
 
@@ -82,3 +81,28 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
             f"(or wrap it as {{'model': state_dict}})."
         )
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def load_exactly(model, state: dict, source: str, what: str, fix: str, *, unknown=(), named=lambda k: k, assign: bool = True,
+                 tie: bool = False):  # fmt: skip
+    """Load ``state`` into ``model`` (built on the meta device when ``assign``) with every key
+    accounted for: missing or unexpected keys (``unknown``: checkpoint keys no conversion knew),
+    shape mismatches and parameters left on the meta device are ``CheckpointError``s naming
+    ``source``, ``what`` it should fit and the ``fix``; keys in messages go through ``named``
+    (e.g. back to the checkpoint's own names). ``tie``: re-tie shared parameters after ``assign``."""
+    expected = set(model.state_dict())
+    missing = sorted(named(k) for k in expected - state.keys())
+    unexpected = sorted([*unknown, *(named(k) for k in state.keys() - expected)])
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: does not fit {what}. Missing keys ({len(missing)}): {missing[:20]}; "
+                              f"unexpected keys ({len(unexpected)}): {unexpected[:20]}. {fix}")  # fmt: skip
+    try:
+        model.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{source}: tensor shapes do not fit {what}: {exc}. {fix}") from exc
+    if tie:
+        model.tie_weights()  # assign=True gave tied parameters separate objects
+    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise CheckpointError(f"{source}: no values for {left_on_meta[:10]}. {fix}")
+    return model

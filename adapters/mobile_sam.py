@@ -30,7 +30,7 @@ import torch
 from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 from transformers.models.sam.modeling_sam import SamVisionEncoderOutput
 
-from samtune.adapters.checkpoint_files import CheckpointError, load_state_dict_file
+from samtune.adapters.checkpoint_files import CheckpointError, load_exactly, load_state_dict_file
 from samtune.adapters.family import CLASS_PROMPTS, ModelFamily, register_family
 from samtune.adapters.registry import ModelVariant, register_model
 from samtune.adapters.sam import _DECODER_ATTENTION, SamFamily
@@ -123,22 +123,8 @@ def _load_into(model: SamModel, state: dict, source: str, named=lambda k: k) -> 
     for a, b in (_TIED, _TIED[::-1]):
         if a not in state and b in state:
             state[a] = state[b]
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: does not fit the MobileSAM model. Missing keys ({len(missing)}): {[named(k) for k in missing[:20]]}; "
-            f"unexpected keys ({len(unexpected)}): {[named(k) for k in unexpected[:20]]}. Use an unmodified "
-            f"mobile_sam.pt (or a folder written by samtune for the same model.name)."
-        )
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError(f"{source}: tensor shapes do not fit the MobileSAM model: {exc}") from exc
-    model.tie_weights()  # assign=True gave the tied positional parameters separate objects
-    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left_on_meta:
-        raise CheckpointError(f"{source}: no values for {left_on_meta[:10]}.")
+    load_exactly(model, state, source, "the MobileSAM model", "Use an unmodified mobile_sam.pt (or a folder written by samtune for the same model.name).",
+                 named=named, tie=True)  # fmt: skip
     return model.eval()
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 import transformers
 
-from samtune.adapters.checkpoint_files import CheckpointError, load_state_dict_file
+from samtune.adapters.checkpoint_files import CheckpointError, load_exactly, load_state_dict_file
 from samtune.adapters.official_config import (
     HF_MODEL_NAMES,
     OFFICIAL_VARIANTS,
@@ -21,13 +21,7 @@ from samtune.adapters.official_config import (
     guess_official_variant,
     hf_config_from_official,
 )
-from samtune.adapters.official_keys import (
-    _BACKWARD,
-    _convert_official,
-    _rename,
-    hf_to_official_state_dict,
-    official_to_hf_state_dict,
-)
+from samtune.adapters.official_keys import _BACKWARD, _convert_official, _rename, hf_to_official_state_dict, official_to_hf_state_dict
 from samtune.adapters.position_tables import resize_position_tables
 
 __all__ = [
@@ -103,23 +97,7 @@ def load_official_into_hf(path_or_sd, image_size=None, expected_variant=None) ->
     # Built on the meta device (no random init of up to ~640M parameters); the checkpoint tensors are adopted.
     with torch.device("meta"):
         model = transformers.SamModel(config)
-    expected_keys = set(model.state_dict())
-    # Reported under the checkpoint's (official) names, the ones the user finds in their file.
-    missing = sorted(_rename(k, _BACKWARD) or k for k in expected_keys - hf_sd.keys())
-    unexpected = sorted(unknown + [_rename(k, _BACKWARD) or k for k in hf_sd.keys() - expected_keys])
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: does not fit the inferred SamModel. Missing keys ({len(missing)}): {missing[:20]}; "
-            f"unexpected keys ({len(unexpected)}): {unexpected[:20]}. Use an unmodified official SAM/MedSAM "
-            f"checkpoint (merge or strip extra modules such as adapters first)."
-        )
-    try:
-        model.load_state_dict(hf_sd, strict=True, assign=True)
-    except RuntimeError as exc:  # shape mismatches, e.g. a hand-edited table
-        raise CheckpointError(f"{source}: tensor shapes do not fit the inferred SamModel: {exc}. "
-                              f"Use an unmodified checkpoint.") from exc
-    model.tie_weights()  # assign=True gave the two tied positional parameters separate objects; re-tie
-    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left_on_meta:
-        raise CheckpointError(f"{source}: no values for {left_on_meta[:10]}. Use a complete official checkpoint.")
+    # reported under the checkpoint's (official) names, the ones the user finds in their file
+    load_exactly(model, hf_sd, source, "the inferred SamModel", "Use an unmodified official SAM/MedSAM checkpoint "
+                 "(merge or strip extra modules such as adapters first).", unknown=unknown, named=lambda k: _rename(k, _BACKWARD) or k, tie=True)  # fmt: skip
     return model.eval()

@@ -6,7 +6,7 @@ as seconds and as a ratio to SAM ViT-B measured in the same run.
 Random weights (cost depends on shapes, not values), built from each family's architecture:
 ``sam-vit-base`` (ViT-B, ``encoder_speed.sam_config``), ``mobile-sam`` (TinyViT-5M,
 ``adapters.mobile_sam.mobile_sam_config``) and ``sam2-hiera-tiny|small|base-plus|large`` (SAM 2.1,
-``adapters.sam2.sam2_config``).
+``adapters.sam2_config.sam2_config``).
 Timings interleave the backbones per repetition (median of ``--repeats``), so load on a shared
 machine hits all alike; on a shared CPU pass ``--threads 1``.
 
@@ -53,7 +53,7 @@ def build(name: str, image_size: int) -> SamModel:
     if name.startswith("sam2-hiera-"):  # SAM 2.1 Hiera-T/S/B+/L image model (transformers Sam2Model)
         from transformers import Sam2Model
 
-        from samtune.adapters.sam2 import HIERA, sam2_config, single_mask_token_only
+        from samtune.adapters.sam2_config import HIERA, sam2_config, single_mask_token_only
 
         model = Sam2Model(sam2_config(image_size, HIERA["hiera_" + name.removeprefix("sam2-hiera-").replace("-", "_")]))
         single_mask_token_only(model)

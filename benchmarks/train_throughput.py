@@ -32,7 +32,7 @@ step depends on shapes, not values.
     (model in eval mode, no_grad) and stored as a float16 numpy array, as
     ``EmbeddingCache.fill`` stores its rows; every step reads the rows back as
     ``EmbeddingCache.get`` does (``np.ascontiguousarray`` of the rows, to float32 on the device) and
-    passes ``embeddings=ImageEmbeddings(rows)`` to ``run_rounds``, as ``trainer.cached_embeddings``
+    passes ``embeddings=ImageEmbeddings(rows)`` to ``run_rounds``, as ``step.cached_embeddings``
     does. The array stays in memory instead of a memory-mapped ``embeddings.npy`` (the OS page
     cache holds a small cache anyway). The fill time is reported on its own, not in s/step.
 
@@ -230,10 +230,10 @@ def samtune_config(
 
     def step() -> float:
         embeddings = None
-        if cached is not None:  # EmbeddingCache.get + trainer.cached_embeddings
+        if cached is not None:  # EmbeddingCache.get + step.cached_embeddings
             rows = torch.from_numpy(np.ascontiguousarray(cached[indices])).to(device=args.device, dtype=torch.float32)
             embeddings = ImageEmbeddings(rows)
-        with autocast(args):  # trainer.prompted_loss
+        with autocast(args):  # step.prompted_loss
             _, loss = run_rounds(model, family, batch, prompts, image_size, True, generator, loss_fn, iou_weight, embeddings=embeddings)
         return optimise(model, loss, optimizer)
 

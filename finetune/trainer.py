@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from samtune import SamtuneError
-from samtune.adapters.family import ImageEmbeddings
 from samtune.adapters.lora import count_parameters, prepare_trainable
 from samtune.datasets import sample as S
 from samtune.datasets import semantic as SEM
@@ -28,12 +27,11 @@ from samtune.files import write_atomic, write_json_atomic
 from samtune.finetune.checkpoints import save_checkpoint
 from samtune.finetune.data import build_datasets
 from samtune.finetune.evaluation import evaluate_all
-from samtune.finetune.interaction import run_rounds
-from samtune.finetune.automatic import class_logits, class_low_res
 from samtune.finetune.losses import AutomaticLoss, make_mask_loss
 from samtune.finetune.optim import build_optimizer, build_scheduler
 from samtune.finetune.recipe import Recipe, dump_recipe
 from samtune.finetune.report import report_after_run
+from samtune.finetune.step import StepLoss, cached_embeddings, check_finite, wrap_data_parallel
 from samtune.finetune.reporting import baseline_summary, json_ready, print_results, write_per_case
 from samtune.finetune.distributed import Ranks, gather, init_from_env, main_first, mean_across_ranks, shutdown
 from samtune.finetune.resume import (
@@ -51,82 +49,6 @@ def evaluate_with_recipe(model, family, data, recipe: Recipe, device: torch.devi
     rounds, precision): the same call during training and in `samtune evaluate`."""
     with autocast(device, recipe.train.precision):
         return evaluate_all(model, family, data, recipe, device, desc, predictions)
-
-
-def prompted_loss(model, family, batch: dict, recipe: Recipe, use_box: bool, click_generator, loss_fn, embeddings=None) -> torch.Tensor:
-    """The prompted path's loss on a batch already on the model's device: prompt rounds, then
-    Dice + focal (+ IoU head) averaged over rounds. ``embeddings``: the batch's cached image
-    embeddings (``train.embedding_cache``), else the encoder runs."""
-    with autocast(batch[S.IMAGE].device, recipe.train.precision):
-        _, loss = run_rounds(model, family, batch, recipe.prompts, batch[S.IMAGE].shape[-1], use_box, click_generator, loss_fn,
-                             recipe.loss.iou_weight, embeddings=embeddings, low_res_loss=recipe.loss.resolution == "low_res")  # fmt: skip
-    return loss
-
-
-def automatic_loss(model, family, batch: dict, recipe: Recipe, loss_fn, embeddings=None) -> torch.Tensor:
-    """The automatic path's loss: every class prompt on every image of the batch."""
-    with autocast(batch[SEM.IMAGE].device, recipe.train.precision):
-        if recipe.loss.resolution == "low_res":  # the decoder's s×s logits against area-averaged labels
-            logits = class_low_res(model, family, batch[SEM.IMAGE], embeddings=embeddings)
-        else:
-            logits = class_logits(model, family, batch[SEM.IMAGE], embeddings=embeddings)
-    return loss_fn(logits, batch[SEM.LABELS])
-
-
-def cached_embeddings(caches: dict, dataset, batch: dict, device: torch.device) -> ImageEmbeddings | None:
-    """The batch's image embeddings from the embedding cache of ``dataset``'s source (by each
-    sample's ``meta["index"]``); None without a cache or when an entry is missing (the encoder runs)."""
-    cache = caches.get(id(dataset.source)) if caches else None
-    if cache is None:
-        return None
-    rows = cache.get([m["index"] for m in batch[S.META]], device)
-    return None if rows is None else ImageEmbeddings(rows)
-
-
-class StepLoss(torch.nn.Module):
-    """The loss of one micro-batch as a module's forward, so that DistributedDataParallel can wrap
-    it: DDP syncs gradients of the parameters used in a forward it ran (the family functions take
-    the model as an argument and are not a forward of their own)."""
-
-    def __init__(self, model, family, recipe: Recipe):
-        super().__init__()
-        self.model, self.family, self.recipe = model, family, recipe
-
-    def forward(self, batch: dict, auto: bool, use_box: bool, click_generator, loss_fn, embeddings=None) -> torch.Tensor:
-        if auto:
-            return automatic_loss(self.model, self.family, batch, self.recipe, loss_fn, embeddings)
-        return prompted_loss(self.model, self.family, batch, self.recipe, use_box, click_generator, loss_fn, embeddings)
-
-
-def wrap_data_parallel(step_loss: StepLoss, ranks: Ranks):
-    """DDP around the step's loss with more than one process; the module itself otherwise."""
-    if ranks.world == 1:
-        return step_loss
-    from torch.nn.parallel import DistributedDataParallel
-
-    # find_unused_parameters: a prompted step leaves the class prompts (and a box step the point
-    # embeddings) without gradient; buffers are constants (positional tables), not broadcast.
-    return DistributedDataParallel(step_loss, find_unused_parameters=True, broadcast_buffers=False)
-
-
-def check_finite(loss: torch.Tensor, step: int, path: str, recipe: Recipe, last_good: str = "") -> None:
-    """Stop before a non-finite loss reaches the weights, naming the step and the last good state."""
-    if not torch.isfinite(loss):
-        raise SamtuneError(
-            f"loss became {loss.item()} at step {step} ({path} path); lower train.lr (now {recipe.train.lr})"
-            + (f" or set train.clip_grad_norm; {last_good}" if last_good else "") + "."
-        )
-
-
-def train_step(model, family, batch: dict, recipe: Recipe, optimizer, use_box: bool, click_generator, loss_fn, step: int = 0) -> torch.Tensor:
-    """One optimiser step of the prompted path on one batch (no accumulation, no clipping); the
-    training loop itself runs ``optimizer_step``. Returns the loss."""
-    loss = prompted_loss(model, family, batch, recipe, use_box, click_generator, loss_fn)
-    check_finite(loss, step, "prompted", recipe)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss
 
 
 def _loader(dataset, recipe: Recipe, collate, seed: int, served: int = 0, ranks: Ranks = Ranks()):  # noqa: B008  (frozen dataclass)

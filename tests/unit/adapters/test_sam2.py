@@ -38,14 +38,9 @@ from samtune.adapters.checkpoint_files import CheckpointError
 from samtune.adapters.family import ImageEmbeddings, get_family
 from samtune.adapters.lora import apply_lora, select_lora_modules
 from samtune.adapters.registry import build_model, get_variant
-from samtune.adapters.sam2 import (
-    HIERA,
-    HIERA_TEST,
-    official_to_hf,
-    sam2_config,
-    sam2_video_config,
-    video_model_from,
-)
+from samtune.adapters.sam2_checkpoints import official_to_hf
+from samtune.adapters.sam2_config import HIERA, HIERA_TEST, sam2_config
+from samtune.adapters.sam2_video import sam2_video_config, video_model_from
 from samtune.finetune.recipe import LoraSection
 
 TOLERANCE = 1e-4  # max abs diff, float32

@@ -81,7 +81,8 @@ def test_memory_tracker_segments_every_slice_outwards_from_the_prompted_one(sam2
 def test_memory_modules_come_from_a_folder_saved_from_the_video_model(sam2, tmp_path):
     from transformers import Sam2VideoModel
 
-    from samtune.adapters.sam2 import is_video_only_hf, video_model_from
+    from samtune.adapters.sam2_checkpoints import is_video_only_hf
+    from samtune.adapters.sam2_video import video_model_from
 
     model, family = sam2
     reference = video_model_from(build_model("sam2-tiny-random", image_size=64, init_seed=3))

@@ -14,7 +14,7 @@ from samtune.adapters.registry import build_model
 from samtune.datasets import sample as S
 from samtune.finetune.losses import make_mask_loss
 from samtune.finetune.recipe import validate_recipe
-from samtune.finetune.trainer import train_step
+from samtune.finetune.step import train_step
 
 SIZE = 64
 
