@@ -7,9 +7,11 @@ logits, map logits back to the original image, where LoRA goes by role, and what
 ``sam-vit-base``, ...; ``samtune.adapters.registry``). Callers hold a family object and never
 touch a model's module names themselves.
 
-Families register with ``@register_family``; the test suite builds the tiny variant of every
-registered family, runs a prompted forward/backward, applies every LoRA preset and round-trips an
-adapter folder (tests/unit/adapters/test_family.py).
+This module is the interface only and imports no implementation. Families register themselves
+with ``@register_family`` (adapters/catalog.py, which imports the built-in family modules by name
+on the first ``get_family``); the test suite builds the tiny variant of every registered family,
+runs a prompted forward/backward, applies every LoRA preset and round-trips an adapter folder
+(tests/unit/adapters/test_family.py).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+# the family table is the catalog's (a leaf); re-exported where callers have always found it
+from samtune.adapters.catalog import get_family, list_families, register_family  # noqa: F401
 from samtune.errors import SamtuneError
 from samtune.suggest import did_you_mean
 
 if TYPE_CHECKING:
-    from samtune.adapters.registry import ModelVariant
+    from samtune.adapters.catalog import ModelVariant
 
 
 @dataclass
@@ -214,31 +218,3 @@ class ModelFamily(ABC):
             return "image_encoder"
         return "prompt_encoder"
 
-
-_FAMILIES: dict[str, ModelFamily] = {}
-
-
-def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
-    """Class decorator: one instance per family, under ``cls.name``."""
-    if cls.name in _FAMILIES:
-        raise ValueError(f"model family {cls.name!r} registered twice")
-    _FAMILIES[cls.name] = cls()
-    return cls
-
-
-def get_family(name: str) -> ModelFamily:
-    import samtune.adapters.mobile_sam  # noqa: F401
-    import samtune.adapters.sam  # noqa: F401  (registers the built-in families)
-    import samtune.adapters.sam2  # noqa: F401
-
-    if name not in _FAMILIES:
-        raise SamtuneError(f"unknown model family {name!r}; {did_you_mean(name, _FAMILIES)}(known: {', '.join(_FAMILIES)})")
-    return _FAMILIES[name]
-
-
-def list_families() -> list[str]:
-    import samtune.adapters.mobile_sam  # noqa: F401
-    import samtune.adapters.sam  # noqa: F401
-    import samtune.adapters.sam2  # noqa: F401
-
-    return sorted(_FAMILIES)

@@ -30,9 +30,9 @@ import torch
 from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 from transformers.models.sam.modeling_sam import SamVisionEncoderOutput
 
+from samtune.adapters.catalog import ModelVariant, register_family, register_model
 from samtune.adapters.checkpoint_files import CheckpointError, load_exactly, load_state_dict_file
-from samtune.adapters.family import CLASS_PROMPTS, ModelFamily, register_family
-from samtune.adapters.registry import ModelVariant, register_model
+from samtune.adapters.family import CLASS_PROMPTS, ModelFamily
 from samtune.adapters.sam import _DECODER_ATTENTION, SamFamily
 from samtune.adapters.tiny_vit import TinyViT, TinyViTConfig
 from samtune.errors import SamtuneError

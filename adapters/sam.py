@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
-from samtune.adapters.family import ImageEmbeddings, ModelFamily, register_family
-from samtune.adapters.registry import ModelVariant, register_model
+from samtune.adapters.catalog import ModelVariant, register_family, register_model
+from samtune.adapters.family import ImageEmbeddings, ModelFamily
 from samtune.errors import SamtuneError
 
 _DECODER_ATTENTION = (

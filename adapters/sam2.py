@@ -72,8 +72,8 @@ import torch.nn.functional as F
 from transformers import Sam2Config, Sam2Model
 
 from samtune.adapters.checkpoint_files import CheckpointError
-from samtune.adapters.family import ImageEmbeddings, ModelFamily, register_family
-from samtune.adapters.registry import ModelVariant, register_model
+from samtune.adapters.catalog import ModelVariant, register_family, register_model
+from samtune.adapters.family import ImageEmbeddings, ModelFamily
 from samtune.adapters.sam2_checkpoints import load_official_sam2
 from samtune.adapters.sam2_config import (
     HIERA,

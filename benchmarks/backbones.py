@@ -36,8 +36,8 @@ from samtune.adapters.lora import prepare_trainable  # noqa: E402
 from samtune.adapters.registry import family_of  # noqa: E402
 from samtune.finetune.automatic import class_low_res  # noqa: E402
 from samtune.finetune.interaction import run_rounds  # noqa: E402
-from samtune.finetune.losses import make_mask_loss  # noqa: E402
-from samtune.finetune.optim import build_optimizer  # noqa: E402
+from samtune.finetune.train.losses import make_mask_loss  # noqa: E402
+from samtune.finetune.train.optim import build_optimizer  # noqa: E402
 from samtune.finetune.recipe import LoraSection, PromptsSection, TrainSection  # noqa: E402
 
 CLASSES = 4  # the CT phantom's organs: class prompts decoded per slice

@@ -40,8 +40,8 @@ from samtune.adapters.registry import family_of, get_variant  # noqa: E402
 from samtune.datasets import sample as S  # noqa: E402
 from samtune.finetune.automatic import class_logits, class_low_res  # noqa: E402
 from samtune.finetune.interaction import run_rounds  # noqa: E402
-from samtune.finetune.losses import AutomaticLoss  # noqa: E402
-from samtune.finetune.optim import build_optimizer  # noqa: E402
+from samtune.finetune.train.losses import AutomaticLoss  # noqa: E402
+from samtune.finetune.train.optim import build_optimizer  # noqa: E402
 from samtune.finetune.recipe import load_recipe  # noqa: E402
 from samtune.finetune.runtime import image_size_of  # noqa: E402
 from train_step import make_batch  # noqa: E402

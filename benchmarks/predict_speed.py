@@ -65,7 +65,7 @@ from samtune.adapters.registry import build_model
 from samtune.datasets.semantic import SemanticDataset, collate_semantic
 from samtune.datasets.source import LabelSpace, SliceSource
 from samtune.finetune.automatic import fuse
-from samtune.finetune.predict import Predictor
+from samtune.finetune.predict.prediction import Predictor
 from samtune.finetune.recipe import LoraSection
 
 MODELS = ("tiny", "vit_b")

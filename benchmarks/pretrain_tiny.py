@@ -350,8 +350,8 @@ def main(argv=None) -> int:
     from samtune.adapters.registry import build_model, family_of
     from samtune.datasets import sample as S
     from samtune.finetune.interaction import mask_iou, run_rounds
-    from samtune.finetune.losses import make_mask_loss
-    from samtune.finetune.optim import build_scheduler
+    from samtune.finetune.train.losses import make_mask_loss
+    from samtune.finetune.train.optim import build_scheduler
     from samtune.finetune.recipe import LossSection, PromptsSection, TrainSection
 
     torch.set_num_threads(args.threads)

@@ -26,7 +26,7 @@ from samtune.adapters.lora import prepare_trainable
 from samtune.adapters.registry import family_of
 from samtune.datasets import sample as S
 from samtune.finetune.interaction import run_rounds
-from samtune.finetune.losses import make_mask_loss
+from samtune.finetune.train.losses import make_mask_loss
 from samtune.finetune.recipe import LoraSection, PromptsSection
 from transformers import SamModel
 

@@ -91,8 +91,8 @@ from samtune.adapters.registry import family_of
 from samtune.adapters.sam import make_tiny_config
 from samtune.datasets import sample as S
 from samtune.finetune.interaction import run_rounds
-from samtune.finetune.losses import make_mask_loss
-from samtune.finetune.optim import build_optimizer
+from samtune.finetune.train.losses import make_mask_loss
+from samtune.finetune.train.optim import build_optimizer
 from samtune.finetune.recipe import (
     LoraSection,
     LossSection,

@@ -10,72 +10,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from samtune import SamtuneError
-from samtune.adapters.family import ModelFamily
 from samtune.files import write_json_atomic
 from samtune.finetune.automatic import has_class_prompts
-from samtune.finetune.checkpoints import load_checkpoint, read_classes
+from samtune.finetune.checkpoints import LoadedModel, checkpoint_folder, load_model, read_classes
+from samtune.finetune.checkpoints import load_onto_base as _load_onto_base
 from samtune.finetune.data import build_datasets
-from samtune.finetune.recipe import Recipe, load_recipe
-from samtune.finetune.runtime import build_base_model, check_writable, image_size_of, model_family, resolve_device, seed_everything
-from samtune.finetune.label_files import write_label_volumes
-from samtune.finetune.reporting import json_ready, print_results, write_per_case
-from samtune.finetune.trainer import evaluate_with_recipe
-from samtune.finetune.trainer import train as train  # re-exported: samtune.train
+from samtune.finetune.recipe import Recipe, dump_recipe, load_recipe
+from samtune.finetune.report.page import write_report
+from samtune.finetune.runtime import check_writable, image_size_of, model_family, resolve_device, seed_everything
+from samtune.finetune.predict.label_files import write_label_volumes
+from samtune.finetune.scoring.tables import json_ready, print_results, write_per_case
+from samtune.finetune.scoring.protocol import evaluate_with_recipe
+from samtune.finetune.train.loop import train
 
-
-@dataclass
-class LoadedModel:
-    """A fine-tuned model ready to run: ``model`` (eval mode, on ``device``), the ``recipe`` it was
-    trained with, its ``family`` (preprocessing, encode/decode), and the ``checkpoint`` folder."""
-
-    model: torch.nn.Module
-    recipe: Recipe
-    family: ModelFamily
-    checkpoint: Path
-    device: torch.device
-
-    @property
-    def image_size(self) -> int:
-        return image_size_of(self.recipe)
-
-    def transform(self):
-        """The preprocessing this model expects (``transform(image=H×W×3 uint8, mask=H×W)``)."""
-        return self.family.make_transform(self.image_size)
-
-
-def checkpoint_folder(path: Path) -> Path:
-    """A checkpoint folder, or a run folder (its best checkpoint, else its last)."""
-    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
-        return path
-    for name in ("best", "last"):
-        if (path / "checkpoints" / name).is_dir():
-            return path / "checkpoints" / name
-    raise SamtuneError(f"{path}: neither a checkpoint folder (adapter_config.json) nor a run folder with checkpoints/best or checkpoints/last.")
-
-
-def _load_onto_base(recipe: Recipe, family: ModelFamily, checkpoint: str | Path):
-    """A checkpoint folder loaded onto the recipe's base model (checked against the folder's recipe)."""
-    model = load_checkpoint(checkpoint, family, lambda: build_base_model(recipe), recipe.model.model_dump())
-    family.set_attention(model, recipe.model.attention)  # whole-model folders do not come from build_base_model
-    return model
-
-
-def load_model(run_dir_or_checkpoint: str | Path, recipe: Recipe | str | Path | None = None, device: str = "cpu") -> LoadedModel:
-    """The model of a run folder (its best checkpoint) or of a checkpoint folder, with its recipe
-    (``CHECKPOINT/recipe.yaml`` unless ``recipe`` is given)."""
-    folder = checkpoint_folder(Path(run_dir_or_checkpoint))
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe or folder / "recipe.yaml")
-    family = model_family(recipe)
-    model = _load_onto_base(recipe, family, folder)
-    target = resolve_device(device)
-    return LoadedModel(model.to(target).eval(), recipe, family, folder, target)
+# the public API (samtune.<name> for the first five); load_model and LoadedModel live beside the checkpoint files
+__all__ = ["train", "evaluate", "load_model", "report", "LoadedModel", "load_recipe", "checkpoint_folder", "export_checkpoint"]
 
 
 def evaluate(recipe: Recipe, checkpoint: str | Path, out: str | Path | None = None, *, quiet: bool = False) -> dict:
@@ -120,9 +72,6 @@ def report(runs, out: str | Path | None = None, *, cases: int = 4, max_samples: 
     cases; a comparison table first when there are several. Default ``out``:
     ``<first run>/report.html``; returns the file written. ``loaded``/``data``: the model and data
     of the first run when already in memory (``evaluate`` passes its own)."""
-    from samtune.finetune.recipe import dump_recipe
-    from samtune.finetune.report import write_report
-
     paths = [runs] if isinstance(runs, (str, Path)) else list(runs)
     recipe_text = dump_recipe(loaded.recipe) if loaded is not None else None
     return write_report(paths, out, cases=cases, max_samples=max_samples, device=device, loaded=loaded, data=data, recipe_text=recipe_text)

@@ -5,30 +5,19 @@ Fusion: each pixel takes the class with the highest probability, or background w
 reaches ``automatic.threshold`` (per-class sigmoid masks, as SAM predicts them, so classes do not
 compete during training and the threshold is one readable number).
 
-Semantic evaluation runs this on every validation pixel: one confusion matrix over the split
-(Cityscapes-style per-class IoU, void/255 excluded) and, for volumes, the whole predicted label
-volume of each case (every slice) scored in 3D.
+Semantic evaluation (``samtune.finetune.scoring.protocol.evaluate_semantic``) runs this on every
+validation pixel.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from samtune import SamtuneError
 from samtune.adapters.family import CLASS_PROMPTS, ModelFamily
-from samtune.datasets import semantic as SEM
-from samtune.datasets.semantic import SemanticDataset, collate_semantic
-from samtune.datasets.source import LabelSpace
-from samtune.finetune.distributed import merge_across_ranks, shard
-from samtune.finetune.label_files import write_label_png
-from samtune.finetune.semantic_metrics import ConfusionAccumulator
-from samtune.finetune.volume_metrics import SemanticVolumeAccumulator
 
 
 def has_class_prompts(model) -> bool:
@@ -80,37 +69,3 @@ def predict_index_maps(model, family: ModelFamily, batch_images: torch.Tensor, m
     low_res = class_low_res(model, family, batch_images)
     size = batch_images.shape[-1]
     return [fuse_at_original(family, low_res[i], size, meta, threshold).to(torch.uint8).cpu().numpy() for i, meta in enumerate(metas)]
-
-
-@torch.no_grad()
-def evaluate_semantic(
-    model, family: ModelFamily, dataset: SemanticDataset, threshold: float, device: torch.device, batch_size: int,
-    desc: str = "eval (automatic)", predictions: Path | None = None,
-) -> dict:
-    """Label maps of every image of ``dataset`` against its labels; ``predictions``: a folder to
-    write each 2D label map into (file ids, e.g. Cityscapes labelIds, named by the source)."""
-    was_training = model.training
-    model.eval()
-    space: LabelSpace = dataset.space
-    source = dataset.source
-    class_names = dict(zip(space.ids, space.names))
-    confusion = ConfusionAccumulator(class_names, source.ignore_index)
-    volumes = SemanticVolumeAccumulator(source, class_names) if source.volumetric else None
-    loader = DataLoader(Subset(dataset, shard(len(dataset), batch_size)), batch_size=batch_size, shuffle=False, collate_fn=collate_semantic)
-    for batch in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):  # None: no bar when not a terminal
-        metas = batch[SEM.META]
-        for meta, index_map in zip(metas, predict_index_maps(model, family, batch[SEM.IMAGE].to(device), metas, threshold)):
-            pred = space.to_source_ids(index_map)
-            confusion.add(pred, meta["label"])
-            if volumes is not None:
-                volumes.add_label(meta["index"], pred.astype(np.uint8))
-            elif predictions is not None:
-                write_label_png(space.to_file_ids(index_map), predictions / source.prediction_name(meta["index"]))
-    model.train(was_training)
-    merge_across_ranks(confusion, *([volumes] if volumes is not None else []))
-    metrics = confusion.result()
-    metrics.pop("confusion", None)
-    if volumes is not None:
-        metrics["volume"] = volumes.result()
-        metrics["label_volumes"] = volumes.volumes  # not JSON: the caller writes or drops them
-    return metrics

@@ -15,14 +15,18 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 from peft import PeftModel
 
 from samtune import SamtuneError
 from samtune.adapters.family import CLASS_PROMPTS, ModelFamily
+from samtune.finetune.recipe import Recipe, load_recipe
+from samtune.finetune.runtime import build_base_model, image_size_of, model_family, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +148,52 @@ def load_checkpoint(folder: str | Path, family: ModelFamily, build_base: Callabl
         f"--checkpoint {folder}: neither a peft adapter folder (adapter_config.json) nor a whole-model folder "
         "(config.json + model.safetensors); pass a folder written by `samtune train`, e.g. runs/demo/checkpoints/best."
     )
+
+
+@dataclass
+class LoadedModel:
+    """A fine-tuned model ready to run: ``model`` (eval mode, on ``device``), the ``recipe`` it was
+    trained with, its ``family`` (preprocessing, encode/decode), and the ``checkpoint`` folder."""
+
+    model: torch.nn.Module
+    recipe: Recipe
+    family: ModelFamily
+    checkpoint: Path
+    device: torch.device
+
+    @property
+    def image_size(self) -> int:
+        return image_size_of(self.recipe)
+
+    def transform(self):
+        """The preprocessing this model expects (``transform(image=H×W×3 uint8, mask=H×W)``)."""
+        return self.family.make_transform(self.image_size)
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """A checkpoint folder, or a run folder (its best checkpoint, else its last)."""
+    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return path
+    for name in ("best", "last"):
+        if (path / "checkpoints" / name).is_dir():
+            return path / "checkpoints" / name
+    raise SamtuneError(f"{path}: neither a checkpoint folder (adapter_config.json) nor a run folder with checkpoints/best or checkpoints/last.")
+
+
+def load_onto_base(recipe: Recipe, family: ModelFamily, checkpoint: str | Path):
+    """A checkpoint folder loaded onto the recipe's base model (checked against the folder's recipe)."""
+    model = load_checkpoint(checkpoint, family, lambda: build_base_model(recipe), recipe.model.model_dump())
+    family.set_attention(model, recipe.model.attention)  # whole-model folders do not come from build_base_model
+    return model
+
+
+def load_model(run_dir_or_checkpoint: str | Path, recipe: Recipe | str | Path | None = None, device: str = "cpu") -> LoadedModel:
+    """The model of a run folder (its best checkpoint) or of a checkpoint folder, with its recipe
+    (``CHECKPOINT/recipe.yaml`` unless ``recipe`` is given)."""
+    folder = checkpoint_folder(Path(run_dir_or_checkpoint))
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe or folder / "recipe.yaml")
+    family = model_family(recipe)
+    model = load_onto_base(recipe, family, folder)
+    target = resolve_device(device)
+    return LoadedModel(model.to(target).eval(), recipe, family, folder, target)

@@ -5,7 +5,7 @@
 the recipe trains on CUDA (process ``LOCAL_RANK`` on GPU ``LOCAL_RANK``), gloo on the CPU. Without
 those variables everything here is a no-op and a run is one process.
 
-How a run is split (``samtune.finetune.trainer``):
+How a run is split (``samtune.finetune.train.loop``):
 - **Batches:** ``train.batch_size`` is per process; step ``s`` of an N-process run trains on the
   same N·batch_size draws that one process with batch N·batch_size would take, batch ``k`` of that
   global batch on rank ``k`` (``DataOrder``). Gradients are averaged by DDP.

@@ -161,7 +161,7 @@ def evaluate_fastsam(weights: str | Path, recipe, out: str | Path | None = None,
     from ultralytics import YOLO
 
     from samtune.finetune.data import label_space, open_split
-    from samtune.finetune.semantic_metrics import ConfusionAccumulator
+    from samtune.finetune.scoring.semantic_metrics import ConfusionAccumulator
 
     split = open_split(recipe, progress=progress)
     space = label_space(split, recipe)
@@ -198,7 +198,7 @@ def evaluate_fastsam(weights: str | Path, recipe, out: str | Path | None = None,
 def run(recipe, weights: str, out: str | Path, *, epochs: int, image_size: int, batch: int, device: str, conf: float,
         export_only: bool = False, progress: bool = True) -> dict:  # fmt: skip
     """export -> train -> evaluate, under ``out`` (yolo_data/, train/, metrics.json)."""
-    from samtune.finetune.metrics import format_table
+    from samtune.finetune.scoring.metrics import format_table
 
     out = Path(out)
     if not export_only:

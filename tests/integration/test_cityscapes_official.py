@@ -48,7 +48,7 @@ def _dataset(tmp_path):
 
 
 def _checkpoint(recipe, folder):
-    """What the trainer saves before its first step (finetune/trainer.py), decoder sharpened."""
+    """What the trainer saves before its first step (finetune/train/loop.py), decoder sharpened."""
     family = model_family(recipe)
     space = build_datasets(recipe, family.make_transform(image_size_of(recipe)), progress=False, training=False).space
     assert space.ids == list(range(19)) and space.file_values() == [lid for _, lid in TRAIN_CLASSES]

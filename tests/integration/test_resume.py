@@ -76,6 +76,28 @@ def test_resume_refuses_a_changed_recipe_naming_the_keys(phantom, tmp_path, caps
     assert "--resume-force allows train.eval_every" in capsys.readouterr().err
     assert main(["-q", "train", str(recipe), "train.steps=3", "train.save_every=1", "train.eval_every=1", "--resume", "--resume-force"]) == 0
     with pytest.raises(SamtuneError, match="no training state"):
-        from samtune.finetune.resume import find_state
+        from samtune.finetune.train.resume import find_state
 
         find_state(tmp_path / "nothing", None)
+
+
+def test_a_state_written_by_the_earlier_trainer_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """``data/state_d7f6b21``: step 3 of 6 of a tiny run, written by the code before the training
+    loop was split into build_run / LoopState / fit (commit d7f6b21; recipe.yaml in the folder,
+    relative paths). Resumed by today's code, it ends where today's code ends uninterrupted."""
+    import shutil
+
+    from samtune.datasets.synthetic import generate_ct_phantom
+
+    old = Path(__file__).parent / "data" / "state_d7f6b21" / "step_000003"
+    monkeypatch.chdir(tmp_path)
+    generate_ct_phantom(tmp_path, n_cases=3, shape=(48, 48, 12))  # the data it was trained on: Dataset900_CTPhantom
+    recipe = tmp_path / "recipe.yaml"
+    shutil.copy(old / "recipe.yaml", recipe)
+    shutil.copytree(old, tmp_path / "run" / "states" / old.name)
+    assert main(["-q", "train", str(recipe), "--resume"]) == 0
+    assert main(["-q", "train", str(recipe), "output.dir=straight"]) == 0
+    # the best evaluation was at step 3, before the state: only the straight run wrote checkpoints/best
+    resumed = (tmp_path / "run" / "checkpoints" / "last" / "adapter_model.safetensors").read_bytes()
+    assert resumed == (tmp_path / "straight" / "checkpoints" / "last" / "adapter_model.safetensors").read_bytes()
+    assert _numbers(tmp_path / "run") == _numbers(tmp_path / "straight")

@@ -1,4 +1,4 @@
-"""adapters/registry.py: named model variants, lookup errors, seeded tiny models."""
+"""adapters/registry.py (tables in adapters/catalog.py): named model variants, lookup errors, seeded tiny models."""
 
 from __future__ import annotations
 
@@ -34,3 +34,15 @@ def test_tiny_model_is_seeded_and_sized():
     sd_a, sd_b, sd_o = a.state_dict(), b.state_dict(), other.state_dict()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)  # the same base can be rebuilt to load an adapter
     assert any(not torch.equal(sd_a[k], sd_o[k]) for k in sd_a)
+
+
+def test_moved_names_are_still_importable_from_their_old_modules():
+    # catalog.py took the tables out of registry.py and family.py (to break the import circle);
+    # callers keep importing them from where they always did, and get the same objects.
+    from samtune.adapters import catalog, family, registry
+
+    assert registry.ModelVariant is catalog.ModelVariant and registry.register_model is catalog.register_model
+    assert registry.get_variant is catalog.get_variant and registry.list_models is catalog.list_models
+    assert family.get_family is catalog.get_family and family.list_families is catalog.list_families
+    assert family.register_family is catalog.register_family
+    assert registry.family_of("tiny") is family.get_family("sam")

@@ -10,7 +10,8 @@ import torch
 
 from samtune.adapters.registry import build_sam, family_of
 from samtune.datasets.semantic import SemanticDataset
-from samtune.finetune.automatic import class_logits, evaluate_semantic, fuse, predict_index_maps
+from samtune.finetune.automatic import class_logits, fuse, predict_index_maps
+from samtune.finetune.scoring.protocol import evaluate_semantic
 
 
 def test_fuse_takes_the_most_probable_class_or_background_below_the_threshold():

@@ -8,9 +8,9 @@ import pytest
 
 from samtune.finetune import distributed
 from samtune.finetune.distributed import Ranks
-from samtune.finetune.metrics import ClassIoUAccumulator
-from samtune.finetune.resume import DataOrder
-from samtune.finetune.volume_metrics import SemanticVolumeAccumulator, VolumeMetricAccumulator
+from samtune.finetune.scoring.metrics import ClassIoUAccumulator
+from samtune.finetune.train.resume import DataOrder
+from samtune.finetune.scoring.volume_metrics import SemanticVolumeAccumulator, VolumeMetricAccumulator
 
 
 def test_one_process_is_everything_and_needs_no_process_group(monkeypatch):

@@ -12,7 +12,7 @@ from samtune.adapters.family import get_family
 from samtune.adapters.preprocess import LongestSideTransform
 from samtune.finetune.interaction import mask_iou, run_rounds
 from samtune.finetune.recipe import PromptsSection
-from samtune.finetune.losses import make_mask_loss
+from samtune.finetune.train.losses import make_mask_loss
 
 
 @pytest.mark.parametrize("use_box", [True, False])
