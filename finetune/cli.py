@@ -182,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "report":  # torch is imported only when a montage is predicted
-        from samtune.finetune.report import write_report
+        from samtune.finetune.report.page import write_report
 
         print(write_report(args.runs, args.out, cases=args.cases, max_samples=args.max_samples, device=args.device))
         return 0
@@ -199,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "predict":
         from samtune.finetune import api
-        from samtune.finetune.predict import predict
+        from samtune.finetune.predict.prediction import predict
 
         folder = api.checkpoint_folder(args.checkpoint)
         recipe = load_recipe(args.recipe or folder / "recipe.yaml", args.overrides)
@@ -213,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_inspect(recipe, args.out)
     if args.command == "cache":
-        from samtune.finetune.embedding_cache import run_cache
+        from samtune.finetune.train.embedding_cache import run_cache
 
         done = run_cache(recipe, prune_stale=args.prune, progress=not args.quiet)
         if args.prune:
