@@ -13,7 +13,7 @@ MONAI's Dice + focal is replaced by a stand-in with the same tensor shapes (MONA
 which fake tensors do not have). Not seen: kernels' workspaces, allocator fragmentation, and the
 CUDA context (~0.5 GB, in ``nvidia-smi`` only).
 
-Calibration against the H100 figures in the README (ViT-B @ 1024, batch 4, sdpa;
+Calibration against the H100 figures in docs/explanation/measured.md (ViT-B @ 1024, batch 4, sdpa;
 ``benchmarks/train_step.py``, ``torch.cuda.max_memory_allocated``), estimate / measured in GiB:
 fp32 22.70 / 23.6, bf16 12.26 / 12.8, fp32 + checkpointing 7.47 / 7.7, bf16 + checkpointing
 4.32 / 4.5: 3–4 % low each time. Measure on the GPU when you have one.

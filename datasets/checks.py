@@ -6,7 +6,7 @@ default) the first one stops the run; with ``skip`` the case (or image) is left 
 ``record()`` — ``{"case", "file", "problem"}`` — is listed in the run's log, ``metrics.json``
 (``skipped_cases``) and ``samtune inspect``.
 
-Policy decisions (documented in the README):
+Policy decisions (documented in docs/howto/own_data.md, "Checking the data and bad data"):
 - an all-background label is legal (a case without the organ) but suspicious: a warning, not a problem;
 - macOS ``._*`` resource forks, ``.DS_Store`` and other hidden files are ignored with a note;
 - any other file in a data folder that is not of the expected type is a problem (it is either a

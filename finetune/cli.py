@@ -1,4 +1,10 @@
-"""The ``samtune`` command line: one verb per job, every recipe key overridable as key.path=value."""
+"""The ``samtune`` command line: one verb per job, every recipe key overridable as key.path=value.
+
+Each command has two small functions: ``_add_<command>`` adds its parser and ``_cmd_<command>`` runs it;
+``build_parser`` calls the former in ``_PARSERS`` order and ``_run`` dispatches through ``_COMMANDS``.
+Heavy modules (torch, transformers) are imported inside the handlers only, so ``--help``, ``validate``
+and ``recipe-keys`` never load them.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,19 @@ import argparse
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from samtune import SamtuneError, __version__
 
+if TYPE_CHECKING:
+    from samtune.finetune.recipe import Recipe
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
 OVERRIDES_HELP = "recipe overrides, e.g. train.steps=200 train.lr=3e-4 output.dir=runs/try2 (see `samtune recipe-keys`)"
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N"
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -18,17 +32,10 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help=OVERRIDES_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="samtune",
-        description="Fine-tune Segment Anything (SAM) on one domain: LoRA on the frozen image encoder, "
-        "trained mask decoder, prompts sampled from the ground truth.",
-        epilog="Start with: samtune train recipes/demo.yaml   (generates demo data, trains, evaluates)",
-    )
-    parser.add_argument("--version", action="version", version=f"samtune {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on the log")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+# --- one parser per command ---------------------------------------------------------------------------------------
 
+
+def _add_train(sub: Subparsers) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune with a recipe; writes checkpoints, metrics.json, TensorBoard logs",
@@ -41,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a run exactly where its last training state (OUTPUT/states/, every train.save_every steps) "
                    "left it; DIR: a state folder or another run folder (default: this recipe's output.dir)")  # fmt: skip
     p.add_argument("--resume-force", action="store_true", help="resume although keys that cannot change results differ "
-                   "(train.eval_every, log_every, save_every, keep_states, num_workers, eval.batch_size)")  # fmt: skip
+                   "(train.eval_every, log_every, save_every, keep_states, num_workers, output.dir)")  # fmt: skip
 
+
+def _add_evaluate(sub: Subparsers) -> None:
     p = sub.add_parser(
         "evaluate",
         help="evaluate a checkpoint on the recipe's validation split",
@@ -55,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="adapter folder, e.g. runs/demo/checkpoints/best")
     p.add_argument("--out", type=Path, default=None, help="metrics JSON to write (default: OUTPUT/eval/metrics.json)")
 
+
+def _add_predict(sub: Subparsers) -> None:
     p = sub.add_parser(
         "predict",
         help="apply a checkpoint to new scans/images: label NIfTI on the scan's grid, class-index PNG + overlay",
@@ -73,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the predictions")
     p.add_argument("--prompts", type=Path, default=None, help="JSON of boxes/points per class (see below); default: automatic mode")
     p.add_argument("--recipe", type=Path, default=None, help="recipe to use instead of CHECKPOINT/recipe.yaml")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides, e.g. automatic.threshold=0.6 eval.batch_size=4 data.channel=1")
 
+
+def _add_validate(sub: Subparsers) -> None:
     p = sub.add_parser(
         "validate",
         help="check a recipe (and that its data folder exists) without training",
@@ -83,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(p)
 
+
+def _add_demo_data(sub: Subparsers) -> None:
     p = sub.add_parser(
         "demo-data",
         help="generate the synthetic demo datasets (CT phantom, Cityscapes-style)",
@@ -93,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--kind", choices=["all", "ct", "cityscapes"], default="all", help="which dataset(s) to write")
 
+
+def _add_export(sub: Subparsers) -> None:
     p = sub.add_parser(
         "export",
         help="merge LoRA and export a checkpoint: Hugging Face folder, official SAM .pth, or ONNX",
@@ -105,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (hf, onnx) or .pth file (sam-pth)")
     p.add_argument("--recipe", type=Path, default=None, help="recipe that built the base model (default: CHECKPOINT/recipe.yaml)")
 
+
+def _add_inspect(sub: Subparsers) -> None:
     p = sub.add_parser(
         "inspect",
         help="report what the recipe's data holds (cases, slices, classes, spacing) and every problem",
@@ -115,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--out", type=Path, default=None, help="JSON report to write (default: OUTPUT/inspect.json)")
 
+
+def _add_cache(sub: Subparsers) -> None:
     p = sub.add_parser(
         "cache",
         help="build the decoder_only embedding cache ahead of training, or --prune stale caches",
@@ -128,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--prune", action="store_true", help="remove stale caches instead of building")
 
+
+def _add_report(sub: Subparsers) -> None:
     p = sub.add_parser(
         "report",
         help="write one static HTML report of runs: tables, charts, best/worst cases (opens from disk, no network)",
@@ -141,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="HTML file to write (default: FIRST_RUN_DIR/report.html)")
     p.add_argument("--cases", type=int, default=4, metavar="N", help="best and worst validation cases shown per run (0: no montage)")
     p.add_argument("--max-samples", type=int, default=64, metavar="N", help="at most N validation samples predicted and scored per run")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
+
+def _add_fastsam(sub: Subparsers) -> None:
     p = sub.add_parser(
         "fastsam",
         help="fine-tune FastSAM (YOLOv8-seg, optional extra) on the recipe's data and score it like the semantic evaluation",
@@ -162,92 +187,175 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, 0 (first GPU), ...: Ultralytics' device string")
     p.add_argument("--export-only", action="store_true", help="only write the YOLO-format data (no ultralytics needed)")
 
+
+def _add_recipe_keys(sub: Subparsers) -> None:
     sub.add_parser("recipe-keys", help="print every recipe key with its default and meaning (Markdown)")
+
+
+# the order of `samtune --help`
+_PARSERS: tuple[Callable[[Subparsers], None], ...] = (
+    _add_train, _add_evaluate, _add_predict, _add_validate, _add_demo_data, _add_export,
+    _add_inspect, _add_cache, _add_report, _add_fastsam, _add_recipe_keys,
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samtune",
+        description="Fine-tune Segment Anything (SAM) on one domain: LoRA on the frozen image encoder, "
+        "trained mask decoder, prompts sampled from the ground truth.",
+        epilog="Start with: samtune train recipes/demo.yaml   (generates demo data, trains, evaluates)",
+    )
+    parser.add_argument("--version", action="version", version=f"samtune {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on the log")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _PARSERS:
+        add(sub)
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "recipe-keys":
-        from samtune.finetune.recipe import recipe_table
+def command_names() -> list[str]:
+    """The subcommands of :func:`build_parser`, in the order ``samtune --help`` lists them."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
 
-        print(recipe_table())
-        return 0
-    if args.command == "demo-data":
-        from samtune.datasets.synthetic import generate_demo_data
 
-        kinds = ("ct", "cityscapes") if args.kind == "all" else (args.kind,)
-        made = generate_demo_data(args.out, seed=args.seed, kinds=kinds)
-        for kind, path in made.items():
-            print(f"{kind}: {path}")
-        return 0
+# --- one handler per command: each returns the exit status; heavy imports stay inside -----------------------------
 
-    if args.command == "report":  # torch is imported only when a montage is predicted
-        from samtune.finetune.report.page import write_report
 
-        print(write_report(args.runs, args.out, cases=args.cases, max_samples=args.max_samples, device=args.device))
-        return 0
+def _load(args: argparse.Namespace) -> Recipe:
+    from samtune.finetune.recipe import load_recipe
 
-    from samtune.finetune.recipe import dump_recipe, load_recipe
+    return load_recipe(args.recipe, args.overrides)
 
-    if args.command == "export":
-        from samtune.finetune import api
 
-        recipe = load_recipe(args.recipe or args.checkpoint / "recipe.yaml")
-        for path in api.export_checkpoint(recipe, args.checkpoint, args.format, args.out):
-            print(path)
-        return 0
-
-    if args.command == "predict":
-        from samtune.finetune import api
-        from samtune.finetune.predict.prediction import predict
-
-        folder = api.checkpoint_folder(args.checkpoint)
-        recipe = load_recipe(args.recipe or folder / "recipe.yaml", args.overrides)
-        loaded = api.load_model(folder, recipe, device=args.device)
-        predict(loaded, args.input, args.out, args.prompts)
-        return 0
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.command == "inspect":
-        from samtune.finetune.inspection import run_inspect
-
-        return run_inspect(recipe, args.out)
-    if args.command == "cache":
-        from samtune.finetune.train.embedding_cache import run_cache
-
-        done = run_cache(recipe, prune_stale=args.prune, progress=not args.quiet)
-        if args.prune:
-            for path in done["removed"]:
-                print(f"removed {path}")
-            print(f"{len(done['removed'])} stale caches removed; kept {', '.join(done['kept']) or 'none'}")
-        for c in done.get("caches", []):
-            print(f"{c['folder']}: {c['entries']} of {c['images']} images cached, {c['mb']:.1f} MB")
-        return 0
-    if args.command == "fastsam":
-        from samtune.finetune.fastsam import run
-
-        out = args.out or Path(recipe.output.dir) / "fastsam"
-        run(recipe, args.weights, out, epochs=args.epochs, image_size=args.image_size or recipe.model.image_size, batch=args.batch,
-            device=args.device, conf=args.conf, export_only=args.export_only, progress=not args.quiet)  # fmt: skip
-        if args.export_only:
-            print(out / "yolo_data" / "data.yaml")
-        return 0
-    if args.command == "validate":
-        print(dump_recipe(recipe), end="")
-        root = Path(recipe.data.root)
-        if not root.exists() and not recipe.data.generate_demo:
-            raise SamtuneError(f"{args.recipe}: data.root={recipe.data.root!r} does not exist (resolved to {root.resolve()}).")
-        print(f"# {args.recipe}: valid")
-        return 0
+def _cmd_train(args: argparse.Namespace) -> int:
+    recipe = _load(args)
     from samtune.finetune import api
 
-    if args.command == "train":
-        if args.resume_force and args.resume is None:
-            raise SamtuneError("--resume-force is only meaningful with --resume.")
-        api.train(recipe, resume=args.resume, resume_force=args.resume_force)
-    elif args.command == "evaluate":
-        api.evaluate(recipe, args.checkpoint, args.out)
+    if args.resume_force and args.resume is None:
+        raise SamtuneError("--resume-force is only meaningful with --resume.")
+    api.train(recipe, resume=args.resume, resume_force=args.resume_force)
     return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    from samtune.finetune import api
+
+    api.evaluate(recipe, args.checkpoint, args.out)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from samtune.finetune import api
+    from samtune.finetune.predict.prediction import predict
+    from samtune.finetune.recipe import load_recipe
+
+    folder = api.checkpoint_folder(args.checkpoint)
+    recipe = load_recipe(args.recipe or folder / "recipe.yaml", args.overrides)
+    loaded = api.load_model(folder, recipe, device=args.device)
+    predict(loaded, args.input, args.out, args.prompts)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from samtune.finetune.recipe import dump_recipe
+
+    recipe = _load(args)
+    print(dump_recipe(recipe), end="")
+    root = Path(recipe.data.root)
+    if not root.exists() and not recipe.data.generate_demo:
+        raise SamtuneError(f"{args.recipe}: data.root={recipe.data.root!r} does not exist (resolved to {root.resolve()}).")
+    print(f"# {args.recipe}: valid")
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from samtune.datasets.synthetic import generate_demo_data
+
+    kinds = ("ct", "cityscapes") if args.kind == "all" else (args.kind,)
+    made = generate_demo_data(args.out, seed=args.seed, kinds=kinds)
+    for kind, path in made.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from samtune.finetune import api
+    from samtune.finetune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe or args.checkpoint / "recipe.yaml")
+    for path in api.export_checkpoint(recipe, args.checkpoint, args.format, args.out):
+        print(path)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    from samtune.finetune.inspection import run_inspect
+
+    return run_inspect(recipe, args.out)
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    from samtune.finetune.train.embedding_cache import run_cache
+
+    done = run_cache(recipe, prune_stale=args.prune, progress=not args.quiet)
+    if args.prune:
+        for path in done["removed"]:
+            print(f"removed {path}")
+        print(f"{len(done['removed'])} stale caches removed; kept {', '.join(done['kept']) or 'none'}")
+    for c in done.get("caches", []):
+        print(f"{c['folder']}: {c['entries']} of {c['images']} images cached, {c['mb']:.1f} MB")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:  # torch is imported only when a montage is predicted
+    from samtune.finetune.report.page import write_report
+
+    print(write_report(args.runs, args.out, cases=args.cases, max_samples=args.max_samples, device=args.device))
+    return 0
+
+
+def _cmd_fastsam(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    from samtune.finetune.fastsam import run
+
+    out = args.out or Path(recipe.output.dir) / "fastsam"
+    run(recipe, args.weights, out, epochs=args.epochs, image_size=args.image_size or recipe.model.image_size, batch=args.batch,
+        device=args.device, conf=args.conf, export_only=args.export_only, progress=not args.quiet)  # fmt: skip
+    if args.export_only:
+        print(out / "yolo_data" / "data.yaml")
+    return 0
+
+
+def _cmd_recipe_keys(args: argparse.Namespace) -> int:
+    from samtune.finetune.recipe import recipe_table
+
+    print(recipe_table())
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict,
+    "validate": _cmd_validate,
+    "demo-data": _cmd_demo_data,
+    "export": _cmd_export,
+    "inspect": _cmd_inspect,
+    "cache": _cmd_cache,
+    "report": _cmd_report,
+    "fastsam": _cmd_fastsam,
+    "recipe-keys": _cmd_recipe_keys,
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    return _COMMANDS[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:

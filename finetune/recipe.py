@@ -1,7 +1,8 @@
-"""The recipe schema: the single source of truth for YAML keys, CLI overrides and the README table.
+"""The recipe schema: the single source of truth for YAML keys, CLI overrides and the recipe-keys table
+(docs/reference/recipe_keys.md).
 
 A field here is a YAML key (``train.lr``), a command-line override (``samtune train recipe.yaml
-train.lr=3e-4``) and a row of the README's recipe table (``samtune recipe-keys`` prints it). Validation
+train.lr=3e-4``) and a row of the recipe-keys table (``samtune recipe-keys`` prints it). Validation
 collects every problem and raises once, naming the file, key path, value, expectation and the
 closest valid key.
 """
@@ -74,7 +75,7 @@ class TrainSection(_Section):
     mode: Literal[TRAIN_MODES] = Field("lora", description="`lora`: frozen encoders + LoRA + trained mask decoder; `decoder_only`: frozen encoders, mask decoder trained; `full`: every weight trained")
     embedding_cache: bool = Field(False, description="`decoder_only`: compute each training image's embedding once, float16 on disk (`<cache dir>/embeddings-<key>/`, `samtune cache`), and reuse it at every step instead of running the frozen encoder; not with `augment:`")
     compile: bool = Field(False, description="`torch.compile` the image encoder (the first steps are slow while it compiles; for long GPU runs)")
-    gradient_checkpointing: bool = Field(False, description="recompute image-encoder block activations in the backward pass: less memory, more time (figures in the README)")
+    gradient_checkpointing: bool = Field(False, description="recompute image-encoder block activations in the backward pass: less memory, more time (figures in docs/explanation/measured.md)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast the forward passes to bfloat16 (GPUs from Ampere on; weights and optimiser stay float32)")
     steps: int = Field(500, ge=1, description="optimiser steps")
     batch_size: int = Field(8, ge=1, description="prompted samples per step")
@@ -335,5 +336,5 @@ def _data_rows() -> list[str]:
 
 
 def recipe_table() -> str:
-    """Markdown table of every recipe key: the README's recipe section is generated from this."""
+    """Markdown table of every recipe key: docs/reference/recipe_keys.md is generated from this."""
     return "\n".join(["| key | default | meaning |", "|---|---|---|", *_rows(Recipe, "")])

@@ -3,7 +3,7 @@
 - Automatic (default when the checkpoint has class prompts): every class of every slice/image,
   fused into one label map (``samtune.finetune.automatic``).
 - Prompted (``--prompts FILE``): boxes and/or points per class from a JSON file (format in the
-  README, ``load_prompts``); on a volume the prompt is given on one slice and carried through the
+  docs/howto/predict.md, ``load_prompts``); on a volume the prompt is given on one slice and carried through the
   volume in both directions (``eval.propagation``: SAM 2's memory, or slice by slice with the
   previous mask's box plus a margin until the mask vanishes; samtune.finetune.predict.propagation).
 

@@ -5,7 +5,7 @@ case's volume; slices that got no prompt count as predicted empty. Surface dista
 voxel spacing (MONAI's ``compute_hausdorff_distance`` / ``compute_surface_dice``); NSD uses a
 tolerance in mm (MedSAM reports NSD at 2 mm).
 
-Rules (samtune's evaluation protocol, stated in the README under "Metrics"): empty ground truth
+Rules (samtune's evaluation protocol, stated in docs/reference/metrics.md): empty ground truth
 and empty prediction -> the class is absent from that case, excluded (NaN); empty ground truth
 with a prediction -> Dice 0 (a false alarm) and HD95 undefined; ground truth with an empty
 prediction -> Dice 0, NSD 0, HD95 undefined. Undefined HD95 values are counted

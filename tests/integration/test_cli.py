@@ -241,12 +241,14 @@ def test_help_lists_every_command():
         assert exc.value.code == 0
 
 
-def test_recipe_keys_table_matches_readme(capsys):
+def test_recipe_keys_table_matches_docs(capsys):
     assert main(["recipe-keys"]) == 0
     table = capsys.readouterr().out.strip()
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    documented = readme.split("<!-- recipe-keys:start -->\n")[1].split("\n<!-- recipe-keys:end -->")[0]
-    assert documented == table, "README's recipe table is out of date: paste the output of `samtune recipe-keys`"
+    page = (Path(__file__).parents[2] / "docs" / "reference" / "recipe_keys.md").read_text()
+    documented = page.split("<!-- recipe-keys:start -->\n")[1].split("\n<!-- recipe-keys:end -->")[0]
+    assert documented == table, (
+        "docs/reference/recipe_keys.md is out of date: paste the output of `samtune recipe-keys` between its markers"
+    )
 
 
 @pytest.mark.parametrize("fmt, out_name, files", [
@@ -304,3 +306,24 @@ def test_bf16_autocast_and_corrective_rounds_run(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last"
     assert main(["-q", "evaluate", str(recipe), *overrides, "--checkpoint", str(last), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["prompted"]["by_round"] == prompted["by_round"]
+
+
+def test_every_command_has_a_handler_and_help_needs_no_torch():
+    from samtune.finetune import cli
+
+    names = cli.command_names()
+    assert names == list(cli._COMMANDS) and names[0] == "train" and names[-1] == "recipe-keys"
+    for command in names:
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+    recipe = Path(__file__).parents[2] / "recipes" / "demo.yaml"
+    code = (
+        "import contextlib, io, sys\nfrom samtune.finetune.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    assert main(['recipe-keys']) == 0 and main(['validate', {str(recipe)!r}]) == 0\n"
+        "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,6 +1,6 @@
 """The consumer-GPU presets (``recipes/medical/*_<N>gb.yaml``) fit their memory, by the estimate of
 ``benchmarks/memory_estimate.py`` (fake tensors: no GPU, no weights; within 4 % of H100
-``max_memory_allocated`` on the README's four ViT-B configurations), with room for the CUDA
+``max_memory_allocated`` on the four ViT-B configurations of docs/howto/gpus.md), with room for the CUDA
 context and the allocator (the estimate must stay under 75 % of N)."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 PNG_PREFIX = "data:image/png;base64,"
-BAR_BLUE = (31, 111, 178)  # report_figures.AFTER, the "after fine-tuning" bars
+BAR_BLUE = (31, 111, 178)  # report/figures.py AFTER, the "after fine-tuning" bars
 # after the load event, every image's decoded size into the DOM (added to a copy: the report has no script)
 PROBE = ('<script>window.addEventListener("load", () => { for (const img of document.images) img.setAttribute("data-loaded", '
          'img.complete && img.naturalWidth > 0 ? img.naturalWidth + "x" + img.naturalHeight : "no"); '

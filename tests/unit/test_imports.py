@@ -41,7 +41,7 @@ _KNOWN_BROKEN: dict[str, str] = {}
 def test_discovery_finds_the_expected_modules():
     # Guards the parametrisation below against silently discovering nothing (e.g. a broken finder).
     for name in (
-        "samtune.finetune.recipe", "samtune.finetune.metrics", "samtune.finetune.cli",
+        "samtune.finetune.recipe", "samtune.finetune.scoring.metrics", "samtune.finetune.cli",
         "samtune.datasets.cityscapes", "samtune.datasets.nifti", "samtune.datasets.prompted",
         "samtune.adapters.lora", "samtune.adapters.registry", "samtune.adapters.sam", "samtune.adapters.family",
         "samtune.datasets.formats", "samtune.constants", "samtune.files",
@@ -108,7 +108,7 @@ def test_nothing_installed_under_the_bare_names():
 @pytest.mark.parametrize("argv", [["--help"], ["recipe-keys"], ["validate", "recipes/demo.yaml"]])
 def test_light_commands_do_not_import_torch(argv):
     """`samtune --help`, `recipe-keys` and `validate` answer without loading torch, transformers,
-    peft or MONAI (several seconds on a laptop); see README "Measured figures"."""
+    peft or MONAI (several seconds on a laptop); see docs/explanation/measured.md."""
     code = (
         "import sys\nfrom samtune.finetune.cli import main\n"
         f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"

@@ -1,4 +1,4 @@
-"""Recipe files, validation messages, command-line overrides, dumping and the README key table."""
+"""Recipe files, validation messages, command-line overrides, dumping and the recipe-keys table."""
 
 from __future__ import annotations
 
