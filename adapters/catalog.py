@@ -32,6 +32,7 @@ class ModelVariant:
     hub_id: str | None  # Hugging Face hub id (or absolute folder, for weights shipped in the package) with the pretrained weights, if any
     official_variant: str | None  # e.g. "vit_b": key shapes of official checkpoint files
     make_config: Callable[[int], Any] | None = None  # random-init config at an image size (tiny models)
+    licence: str | None = None  # of the pretrained weights, as their source states it (the model card names it)
 
 
 _REGISTRY: dict[str, ModelVariant] = {}

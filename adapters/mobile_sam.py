@@ -304,5 +304,7 @@ def _tiny_vit_of(model) -> TinyViT:
     return found
 
 
-register_model(ModelVariant("mobile-sam", "mobile_sam", "MobileSAM: TinyViT-5M encoder distilled from SAM ViT-H (Zhang et al., 2023); set model.checkpoint: mobile_sam.pt", 1024, None, "tiny_vit_5m"))
-register_model(ModelVariant("mobile-sam-tiny", "mobile_sam", "random-init small MobileSAM (TinyViT) for tests and the offline demo", 128, None, None, make_tiny_mobile_config))
+register_model(ModelVariant("mobile-sam", "mobile_sam", "MobileSAM: TinyViT-5M encoder distilled from SAM ViT-H (Zhang et al., 2023); set model.checkpoint: mobile_sam.pt", 1024, None, "tiny_vit_5m",
+                            licence="Apache-2.0 (LICENSE of ChaoningZhang/MobileSAM)"))
+register_model(ModelVariant("mobile-sam-tiny", "mobile_sam", "random-init small MobileSAM (TinyViT) for tests and the offline demo", 128, None, None, make_tiny_mobile_config,
+                            licence="none: random initialisation"))

@@ -153,14 +153,18 @@ def make_tiny_config(image_size: int = 128) -> SamConfig:
     return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
 
 
-register_model(ModelVariant("tiny", "sam", "random-init 4-block SAM for tests and the offline demo", 128, None, None, make_tiny_config))
+_SAM_LICENCE = "Apache-2.0 (LICENSE of facebookresearch/segment-anything, which covers the released checkpoints)"
+register_model(ModelVariant("tiny", "sam", "random-init 4-block SAM for tests and the offline demo", 128, None, None, make_tiny_config,
+                            licence="none: random initialisation"))
 # `tiny` pretrained on generated shapes (benchmarks/pretrain_tiny.py); the Hugging Face folder ships in the package
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-register_model(ModelVariant("tiny-pretrained", "sam", "the tiny SAM pretrained on generated shapes (offline demo)", 128, str(PRETRAINED_DIR / "tiny_shapes"), None))
-register_model(ModelVariant("sam-vit-base", "sam", "SAM ViT-B (Kirillov et al., 2023)", 1024, "facebook/sam-vit-base", "vit_b"))
-register_model(ModelVariant("sam-vit-large", "sam", "SAM ViT-L", 1024, "facebook/sam-vit-large", "vit_l"))
-register_model(ModelVariant("sam-vit-huge", "sam", "SAM ViT-H", 1024, "facebook/sam-vit-huge", "vit_h"))
-register_model(ModelVariant("medsam-vit-base", "sam", "MedSAM ViT-B (Ma et al., 2024)", 1024, "wanglab/medsam-vit-base", "vit_b"))
+register_model(ModelVariant("tiny-pretrained", "sam", "the tiny SAM pretrained on generated shapes (offline demo)", 128, str(PRETRAINED_DIR / "tiny_shapes"), None,
+                            licence="Apache-2.0 (samtune's own weights, made by benchmarks/pretrain_tiny.py)"))
+register_model(ModelVariant("sam-vit-base", "sam", "SAM ViT-B (Kirillov et al., 2023)", 1024, "facebook/sam-vit-base", "vit_b", licence=_SAM_LICENCE))
+register_model(ModelVariant("sam-vit-large", "sam", "SAM ViT-L", 1024, "facebook/sam-vit-large", "vit_l", licence=_SAM_LICENCE))
+register_model(ModelVariant("sam-vit-huge", "sam", "SAM ViT-H", 1024, "facebook/sam-vit-huge", "vit_h", licence=_SAM_LICENCE))
+register_model(ModelVariant("medsam-vit-base", "sam", "MedSAM ViT-B (Ma et al., 2024)", 1024, "wanglab/medsam-vit-base", "vit_b",
+                            licence="Apache-2.0 (LICENSE of bowang-lab/MedSAM)"))
 
 
 def resize_hf_model(model: SamModel, image_size: int) -> SamModel:

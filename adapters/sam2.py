@@ -320,10 +320,12 @@ _OFFICIAL_FILES = {
     "medsam2": "MedSAM2_latest.pt, from the MedSAM2 release (huggingface.co/wanglab/MedSAM2)",
 }
 
-register_model(ModelVariant("sam2-hiera-tiny", "sam2", "SAM 2.1 Hiera-T (Ravi et al., 2024)", 1024, "facebook/sam2.1-hiera-tiny", "hiera_tiny"))
-register_model(ModelVariant("sam2-hiera-small", "sam2", "SAM 2.1 Hiera-S", 1024, "facebook/sam2.1-hiera-small", "hiera_small"))
-register_model(ModelVariant("sam2-hiera-base-plus", "sam2", "SAM 2.1 Hiera-B+", 1024, "facebook/sam2.1-hiera-base-plus", "hiera_base_plus"))
-register_model(ModelVariant("sam2-hiera-large", "sam2", "SAM 2.1 Hiera-L", 1024, "facebook/sam2.1-hiera-large", "hiera_large"))
+_SAM2_LICENCE = "Apache-2.0 (LICENSE of facebookresearch/sam2, which covers the released checkpoints)"
+register_model(ModelVariant("sam2-hiera-tiny", "sam2", "SAM 2.1 Hiera-T (Ravi et al., 2024)", 1024, "facebook/sam2.1-hiera-tiny", "hiera_tiny", licence=_SAM2_LICENCE))
+register_model(ModelVariant("sam2-hiera-small", "sam2", "SAM 2.1 Hiera-S", 1024, "facebook/sam2.1-hiera-small", "hiera_small", licence=_SAM2_LICENCE))
+register_model(ModelVariant("sam2-hiera-base-plus", "sam2", "SAM 2.1 Hiera-B+", 1024, "facebook/sam2.1-hiera-base-plus", "hiera_base_plus", licence=_SAM2_LICENCE))
+register_model(ModelVariant("sam2-hiera-large", "sam2", "SAM 2.1 Hiera-L", 1024, "facebook/sam2.1-hiera-large", "hiera_large", licence=_SAM2_LICENCE))
 # MedSAM2 runs at 512 px (its sam2.1_hiera_t512.yaml: image_size 512)
 register_model(ModelVariant("medsam2", "sam2", "MedSAM2 (Ma et al., 2025): SAM 2.1 Hiera-T fine-tuned on 3D medical images; set model.checkpoint: MedSAM2_latest.pt", 512, None, "hiera_tiny"))
-register_model(ModelVariant("sam2-tiny-random", "sam2", "random-init small SAM 2 (Hiera) for tests and offline runs", 128, None, None, make_tiny_sam2_config))
+register_model(ModelVariant("sam2-tiny-random", "sam2", "random-init small SAM 2 (Hiera) for tests and offline runs", 128, None, None, make_tiny_sam2_config,
+                            licence="none: random initialisation"))

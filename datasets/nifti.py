@@ -34,6 +34,7 @@ from samtune.datasets.formats import CaseSplitKeys, DataSectionBase, DemoKeys, r
 from samtune.datasets.source import DataSplit, SliceSource
 from samtune.datasets.splits import choose_split, unify_class_names
 from samtune.datasets.volume import read_case, scale_to_0_255
+from samtune.schema import Section
 from samtune.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -146,11 +147,9 @@ class NiftiSliceSource(SliceSource):
         return image, np.array(case.label[z])
 
 
-class NiftiData(DataSectionBase, CaseSplitKeys, DemoKeys):
-    """``data:`` for ``kind: nifti``."""
+class VolumeKeys(Section):
+    """Keys of the volume formats (``nifti``, ``dicom``): intensities, slices, the slice cache."""
 
-    kind: Literal["nifti"] = Field(description="`nifti`: nnU-Net v2, MSD, or images/ + labels/ NIfTI folders")
-    channel: int = Field(0, ge=0, description="input channel: the index on the 4th axis of a multi-modal (4D) MSD image, or nnU-Net's `_000<channel>` file")
     intensity: str | tuple[float, float] | None = Field(None, description="intensity to 0-255: `ct_abdomen` [-160, 240] HU (W400/L40), `ct_samed` [-125, 275], `ct_lung` [-1350, 150] (W1500/L-600), `ct_bone` [-500, 1300] (W1800/L400), `mr_percentile` (0.5-99.5 percentile of each volume), or [low, high]; default: `window_hu`")
     window_hu: tuple[float, float] = Field(DEFAULT_WINDOW_HU, description="CT intensity window [low, high] in HU, scaled to 0-255 (default: abdomen W400/L40); used when `intensity` is not set")
     spacing_mm: tuple[float, float] | None = Field(None, description="resample slices in-plane to this pixel spacing [x, y] in mm (image linear, labels nearest neighbour); default: keep the scan's")
@@ -179,6 +178,13 @@ class NiftiData(DataSectionBase, CaseSplitKeys, DemoKeys):
         if self.intensity is None:
             return tuple(float(v) for v in self.window_hu)
         return self.intensity if isinstance(self.intensity, str) else tuple(float(v) for v in self.intensity)
+
+
+class NiftiData(VolumeKeys, DataSectionBase, CaseSplitKeys, DemoKeys):
+    """``data:`` for ``kind: nifti``."""
+
+    kind: Literal["nifti"] = Field(description="`nifti`: nnU-Net v2, MSD, or images/ + labels/ NIfTI folders")
+    channel: int = Field(0, ge=0, description="input channel: the index on the 4th axis of a multi-modal (4D) MSD image, or nnU-Net's `_000<channel>` file")
 
 
 def _class_ids(names: list[str] | None, class_names: dict[int, str] | None) -> set[int] | None:

@@ -37,9 +37,10 @@ _BASE_KEYS = ("name", "checkpoint", "image_size", "init_seed")
 CLASSES_FILE = "classes.json"
 
 
-def save_checkpoint(model, folder: Path, recipe_yaml: str, state: dict, classes: dict | None = None) -> None:
+def save_checkpoint(model, folder: Path, recipe_yaml: str, state: dict, classes: dict | None = None, card: str | None = None) -> None:
     """``classes``: the task and, for automatic models, the label space of the class prompts
-    (``classes.json``, what ``predict`` needs to name and write classes without the data)."""
+    (``classes.json``, what ``predict`` needs to name and write classes without the data);
+    ``card``: the model card, written as ``README.md`` (``samtune.finetune.model_card``)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
@@ -49,6 +50,8 @@ def save_checkpoint(model, folder: Path, recipe_yaml: str, state: dict, classes:
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         if classes is not None:
             (tmp / CLASSES_FILE).write_text(json.dumps(classes, indent=2))
+        if card is not None:  # replaces peft's template
+            (tmp / "README.md").write_text(card)
         old = None
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"

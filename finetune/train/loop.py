@@ -13,7 +13,9 @@ import logging
 import time
 from pathlib import Path
 
+from samtune.adapters.registry import get_variant
 from samtune.files import write_json_atomic
+from samtune.finetune.model_card import render_model_card
 from samtune.finetune.recipe import Recipe
 from samtune.finetune.report.page import report_after_run
 from samtune.finetune.scoring.protocol import evaluate_with_recipe
@@ -103,10 +105,12 @@ def evaluate_and_save(run: Run, state: LoopState, loss: float) -> Decision:
     metrics = evaluate_run(run, f"eval @ {step}")
     decision = state.record_eval(step, metrics, loss, t.early_stop_patience, t.steps)
     info = {"step": step, "headline": metrics["headline"], "miou": metrics["miou"], "mdice": metrics["mdice"]}
-    run.files.save_checkpoint("last", run.model, info)
+    guardrails = {"below_baseline_at": state.below_baseline, "stopped_early": state.stopped_early}
+    card = render_model_card(run.recipe, get_variant(run.recipe.model.name), run.data, step, metrics, state.baseline, guardrails)
+    run.files.save_checkpoint("last", run.model, info, card)
     state.last_good = f"the last good state is {run.files.checkpoint('last')} (step {step})"
     if decision.best:
-        run.files.save_checkpoint("best", run.model, info)
+        run.files.save_checkpoint("best", run.model, info, card)
     run.log.evaluation(step, metrics, state, decision)
     if decision.stop:
         best = state.best

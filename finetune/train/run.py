@@ -52,9 +52,9 @@ class RunFiles:
         if self.write:
             write_atomic(self.out / "recipe.yaml", self.recipe_yaml)
 
-    def save_checkpoint(self, name: str, model, info: dict) -> None:
+    def save_checkpoint(self, name: str, model, info: dict, card: str | None = None) -> None:
         if self.write:
-            save_checkpoint(model, self.checkpoint(name), self.recipe_yaml, info, self.classes)
+            save_checkpoint(model, self.checkpoint(name), self.recipe_yaml, info, self.classes, card)
 
     def save_state(self, step: int, model, opt: Optimization, loop: dict, rank_states: list, keep: int) -> None:
         if self.write:

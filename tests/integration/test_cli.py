@@ -49,8 +49,12 @@ def test_train_writes_exactly_the_documented_files(ct_run):
     _, run = ct_run
     for ckpt in ("last", "best"):
         files = sorted(p.name for p in (run / "checkpoints" / ckpt).iterdir())
-        # README.md: the model card peft writes with every adapter
+        # README.md: samtune's model card (replacing peft's template)
         assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "classes.json", "recipe.yaml", "trainer_state.json"]
+        card = (run / "checkpoints" / ckpt / "README.md").read_text()
+        step = json.loads((run / "checkpoints" / ckpt / "trainer_state.json").read_text())["step"]
+        assert "Research use only" in card and f"## Validation at step {step}" in card and "| liver |" in card
+        assert "licence of the base weights: none: random initialisation" in card and "training: 2 cases" in card
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]  # no temp leftovers
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.json", "per_case.csv", "recipe.yaml", "report.html", "states", "tensorboard"]
     # a training state at the evaluation of step 12 (none at the last step: the run is complete)
