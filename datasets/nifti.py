@@ -157,9 +157,19 @@ class VolumeKeys(Section):
     empty_slice_ratio: float = Field(0.0, ge=0, description="slices without foreground kept per slice with foreground, per case (seeded); 0 keeps none. Prompted samples need an object, so kept empty slices are counted by `samtune inspect` but not trained on")
     cache_dir: Optional[str] = Field(None, description="preprocessing cache (memory-mapped uint8 slices + slice index), rebuilt when files or settings change; default `<root>/.samtune_cache`, or `~/.cache/samtune` when `root` is read-only")
 
+    class_codes: Optional[dict[str, dict]] = Field(None, description="per class name its standard code and display colour (DICOM-SEG, Slicer and ITK-SNAP files), e.g. `{liver: {type: 'SCT:10200004'}, kidney_left: {type: 'SCT:64033007', modifier: 'SCT:7771000', color: [185, 102, 83]}}`; `category` defaults to SCT 91723000 Anatomical Structure. Classes not given are looked up by name in samtune's organ table (datasets/label_codes.py); the rest are written as 'Unknown' with a warning, never as a guessed organ")
+
     @model_validator(mode="after")
     def _check_intensity(self):
         problems = []
+        if self.class_codes:
+            from samtune.datasets.label_codes import ClassCode  # pydicom's code tables: not on the path of --help
+
+            for name, given in self.class_codes.items():
+                try:
+                    ClassCode.from_dict(given, name)
+                except SamtuneError as exc:
+                    problems.append(f"data.class_codes: {exc}")
         presets = sorted(INTENSITY_PRESETS) + [MR_PERCENTILE]
         if isinstance(self.intensity, str) and self.intensity not in presets:
             problems.append(f"data.intensity={self.intensity!r} is not a preset; {did_you_mean(self.intensity, presets)}(presets: {', '.join(presets)}, or [low, high])")

@@ -67,3 +67,24 @@ def write_label_volumes(volumes: dict[str, np.ndarray], source, space: LabelSpac
             scan = Path(case.meta["image_file"])
             written.append(write_label_like(display_to_file_order(volumes[case.name], scan, case.meta), scan, folder / f"{case.name}.nii.gz"))
     return written
+
+
+def label_classes(space: LabelSpace, codes: dict | None) -> list:
+    """Each class as written to files (``LabelClass``: file value, name, code): the codes stored in
+    the checkpoint's classes.json, or, for checkpoints saved before samtune stored them, looked up
+    by class name (``samtune.datasets.label_codes``; unknown names stay UNKNOWN, with a warning)."""
+    from samtune.datasets.label_codes import LabelClass, code_from_dict, resolve_codes
+
+    resolved = {n: code_from_dict(codes[n], n) for n in space.names} if codes else resolve_codes(space.names)
+    return [LabelClass(value, name, resolved[name]) for name, value in zip(space.names, space.file_values())]
+
+
+def write_viewer_tables(stem: Path, classes: list) -> list[Path]:
+    """``<stem>.ctbl`` (3D Slicer colour table) and ``<stem>_itksnap.txt`` (ITK-SNAP label
+    description) beside a NIfTI label, so that it opens named and coloured."""
+    from samtune.datasets.label_codes import write_itksnap_labels, write_slicer_color_table
+
+    slicer, itksnap = Path(f"{stem}.ctbl"), Path(f"{stem}_itksnap.txt")
+    write_slicer_color_table(slicer, classes)
+    write_itksnap_labels(itksnap, classes)
+    return [slicer, itksnap]

@@ -8,8 +8,9 @@
   previous mask's box plus a margin until the mask vanishes; samtune.finetune.predict.propagation).
 
 Outputs, per input: a volume -> ``<name>.nii.gz`` on exactly the scan's grid (shape, affine,
-sform/qform and codes from its header; ``samtune.datasets.nifti_geometry``) and ``<name>.json``
-(class names, voxels and mL per class); an image -> ``<name>.png`` (class values at the original
+sform/qform and codes from its header; ``samtune.datasets.nifti_geometry``), ``<name>.json``
+(class names, voxels and mL per class), ``<name>.ctbl`` and ``<name>_itksnap.txt`` (the classes'
+names and colours for 3D Slicer and ITK-SNAP); an image -> ``<name>.png`` (class values at the original
 resolution; Cityscapes labelIds) and ``<name>_overlay.png``. Volumes are read and predicted one at
 a time, slices in batches of ``eval.batch_size``, so memory stays bounded by one scan.
 """
@@ -31,12 +32,14 @@ from samtune.datasets.semantic import SemanticDataset, collate_semantic
 from samtune.datasets.source import LabelSpace, SliceSource
 from samtune.files import write_json_atomic
 from samtune.finetune.automatic import has_class_prompts, predict_index_maps
-from samtune.finetune.predict.label_files import write_label_png, write_overlay
+from samtune.finetune.predict.label_files import label_classes, write_label_png, write_overlay, write_viewer_tables
 from samtune.finetune.checkpoints import read_classes
 from samtune.finetune.predict.prompt_file import Prompt, PromptSet, load_prompts
 from samtune.finetune.predict.propagation import SlicePrompt, make_propagator, predict_slice
 
 log = logging.getLogger(__name__)
+# files written per scan: the label, its summary, a 3D Slicer colour table, an ITK-SNAP label description
+VOLUME_SUFFIXES = (".nii.gz", ".json", ".ctbl", "_itksnap.txt")
 
 
 
@@ -68,6 +71,7 @@ class Predictor:
         if classes is None:
             raise SamtuneError(f"--checkpoint {loaded.checkpoint}: classes.json is missing (written by `samtune train` since automatic mode); retrain or evaluate it instead.")
         self.space = LabelSpace.from_dict(classes["label_space"])
+        self.classes = label_classes(self.space, classes.get("codes"))  # file values, names, codes
         self._propagator = None
 
     # --- automatic ---
@@ -136,7 +140,7 @@ def predict(
         section = section.model_copy(update={"class_names": dict(zip(predictor.space.ids, predictor.space.names))})
     # every input and its output name first: nothing is written before the whole run is known to be consistent
     if recipe.data.kind == "nifti":
-        planned, suffixes = _plan_volumes(inputs, recipe.data.channel), (".nii.gz", ".json")
+        planned, suffixes = _plan_volumes(inputs, recipe.data.channel), VOLUME_SUFFIXES
     else:
         source = open_images(section, inputs)
         files = getattr(source, "files", None)
@@ -295,6 +299,7 @@ def _predict_volume(predictor: Predictor, source, path: Path, out: Path, prompts
         "voxels": found, "ml": {n: round(c * ml_per_voxel, 3) for n, c in found.items()},
     }  # fmt: skip
     write_json_atomic(out / f"{name}.json", sidecar)
+    write_viewer_tables(out / name, predictor.classes)
     parts = ", ".join(f"{n} {c:,} voxels ({c * ml_per_voxel:.1f} mL)" for n, c in found.items()) or (
         "no prompt for this input" if prompts is not None and not given else "no class found")
     return {"input": str(path), "output": str(target), "voxels": found, "summary": f"{name}: {parts} -> {target}"}

@@ -142,7 +142,7 @@ def build_run(recipe: Recipe, ranks: Ranks = Ranks(), rank_device: torch.device 
     _log_data(data)
     model, params = build_trainable_model(recipe, family, data, device)
     tokens = recipe.automatic.tokens if recipe.task != "promptable" else 0
-    files.classes = {"task": recipe.task, "tokens": tokens, "label_space": data.space.to_dict()}
+    files.classes = {"task": recipe.task, "tokens": tokens, "label_space": data.space.to_dict(), **_class_codes(recipe, data)}
     if ranks.world > 1:  # same weights everywhere (built above from one seed); per-sample randomness per rank
         seed_everything(recipe.seed + 1_000 * ranks.rank)
     opt = build_optimization(model, family, recipe, _loss_fns(recipe, data, device), ranks)
@@ -168,6 +168,18 @@ def build_trainable_model(recipe: Recipe, family: ModelFamily, data: DataBundle,
         ", ".join(f"{k} {v:,}" for k, v in params.items() if v and k not in ("trainable", "total")),
     )
     return model, params
+
+
+def _class_codes(recipe: Recipe, data: DataBundle) -> dict:
+    """``{"codes": {name: code}}`` for the volume formats (codes for DICOM-SEG and viewers: the
+    recipe's ``data.class_codes``, else samtune's organ table, else null = unknown, with a warning);
+    nothing for the others."""
+    if "class_codes" not in type(recipe.data).model_fields:
+        return {}
+    from samtune.datasets.label_codes import code_to_dict, resolve_codes
+
+    codes = resolve_codes(data.space.names, recipe.data.class_codes)
+    return {"codes": {name: code_to_dict(code) for name, code in codes.items()}}
 
 
 def _log_data(data: DataBundle) -> None:

@@ -55,6 +55,8 @@ def test_train_writes_exactly_the_documented_files(ct_run):
         step = json.loads((run / "checkpoints" / ckpt / "trainer_state.json").read_text())["step"]
         assert "Research use only" in card and f"## Validation at step {step}" in card and "| liver |" in card
         assert "licence of the base weights: none: random initialisation" in card and "training: 2 cases" in card
+        codes = json.loads((run / "checkpoints" / ckpt / "classes.json").read_text())["codes"]  # from samtune's organ table
+        assert codes["liver"]["type"].startswith("SCT:10200004") and codes["kidney_left"]["modifier"].startswith("SCT:7771000")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]  # no temp leftovers
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.json", "per_case.csv", "recipe.yaml", "report.html", "states", "tensorboard"]
     # a training state at the evaluation of step 12 (none at the last step: the run is complete)

@@ -45,7 +45,8 @@ def promptable_run(tmp_path_factory, make_run) -> Path:
 def test_predict_writes_exactly_the_documented_files(ct_run, scans, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["predict", "--checkpoint", str(ct_run), "--input", str(scans), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["phantom_000.json", "phantom_000.nii.gz", "phantom_001.json", "phantom_001.nii.gz"]
+    names = ("phantom_000", "phantom_001")
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}{s}" for n in names for s in (".json", ".nii.gz", ".ctbl", "_itksnap.txt"))
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3, lines
     for line, name in zip(lines, ("phantom_000", "phantom_001")):
@@ -56,6 +57,12 @@ def test_predict_writes_exactly_the_documented_files(ct_run, scans, tmp_path, ca
     for name in ("phantom_000", "phantom_001"):
         label, scan = nib.load(out / f"{name}.nii.gz"), nib.load(scans / f"{name}.nii.gz")
         assert label.shape == scan.shape and np.array_equal(label.affine, scan.affine)
+        # the viewers' class tables: every class by its label value and name, with the organ table's colour
+        classes = json.loads((out / f"{name}.json").read_text())["classes"]
+        slicer = [line.split() for line in (out / f"{name}.ctbl").read_text().splitlines() if not line.startswith("#")]
+        assert {int(row[0]): row[1] for row in slicer if row[0] != "0"} == {int(v): n for v, n in classes.items()}
+        itksnap = (out / f"{name}_itksnap.txt").read_text()
+        assert all(f'"{n}"' in itksnap for n in classes.values())
 
 
 def test_checkpoint_folder_glob_and_overrides(ct_run, scans, tmp_path, capsys):
@@ -64,7 +71,7 @@ def test_checkpoint_folder_glob_and_overrides(ct_run, scans, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["-q", "predict", "--checkpoint", str(checkpoint), "--input", str(scans / "*_001.nii.gz"), "--out", str(out), "automatic.threshold=0.999"]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["phantom_001.json", "phantom_001.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["phantom_001.ctbl", "phantom_001.json", "phantom_001.nii.gz", "phantom_001_itksnap.txt"]
     strict = json.loads((out / "phantom_001.json").read_text())["voxels"]
     assert main(argv[:-1] + ["automatic.threshold=0.001"]) == 0
     loose = json.loads((out / "phantom_001.json").read_text())["voxels"]
