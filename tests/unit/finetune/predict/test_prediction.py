@@ -151,6 +151,11 @@ def files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def volume_files(name: str) -> list[str]:
+    """What predict writes per scan: the label, its summary, the Slicer and ITK-SNAP class tables."""
+    return sorted(f"{name}{suffix}" for suffix in (".json", ".nii.gz", ".ctbl", "_itksnap.txt"))
+
+
 def oracle_maps(model, family, images, metas, threshold):
     """The automatic "model": class by the threshold each display pixel passes (levels 1..3 ->
     classes 1..3, level 0 -> background); the scans fill the 64 px input, so nothing is resized."""
@@ -210,7 +215,7 @@ def test_automatic_nifti_label_is_written_on_the_scans_grid(which, ct_model, nib
     name = scan.name.split(".")[0]
     out = tmp_path / "out"
     records = P.predict(loaded, [str(scan)], out)
-    assert files(out) == [f"{name}.json", f"{name}.nii.gz"]
+    assert files(out) == volume_files(name)
     label = assert_on_the_scans_grid(out / f"{name}.nii.gz", scan)
     assert set(np.unique(label).tolist()) <= {0, 1, 2, 3, 4}
     meta = check_sidecar(out / f"{name}.json", label, scan)
@@ -326,7 +331,7 @@ def test_prompted_box_in_voxel_ras_and_lps_is_the_same_box_and_propagation_stops
     for system, box in (("voxel", corners), ("RAS", ras), ("LPS", ras * [-1, -1, 1])):
         prompts = prompts_file(tmp_path / f"{system}.json", [{"class": "spleen", "box": box.tolist()}], system)
         P.predict(ct_model, [str(scan)], tmp_path / system, prompts, quiet=True)
-        assert files(tmp_path / system) == ["block.json", "block.nii.gz"]
+        assert files(tmp_path / system) == volume_files("block")
         labels[system] = assert_on_the_scans_grid(tmp_path / system / "block.nii.gz", scan)
         check_sidecar(tmp_path / system / "block.json", labels[system], scan, mode="prompted")
     label = labels["voxel"]
@@ -371,7 +376,7 @@ def test_prompted_with_the_real_model(ct_model, small_scan, tmp_path):
     out = {}
     for system, given in (("voxel", prompts), ("LPS", lps)):
         P.predict(ct_model, [str(lps_scan)], tmp_path / system, prompts_file(tmp_path / f"{system}.json", given, system), quiet=True)
-        assert files(tmp_path / system) == ["small.json", "small.nii.gz"]
+        assert files(tmp_path / system) == volume_files("small")
         out[system] = assert_on_the_scans_grid(tmp_path / system / "small.nii.gz", lps_scan)
         check_sidecar(tmp_path / system / "small.json", out[system], lps_scan, mode="prompted")
     np.testing.assert_array_equal(out["LPS"], out["voxel"])
@@ -611,7 +616,7 @@ def test_nnunet_channel_files(ct_model, tmp_path, monkeypatch):
         scan, _ = write_oracle_scan(tmp_path, "ras", seed=channel)
         scan.rename(folder / f"pat_{channel:04d}.nii.gz")
     records = P.predict(with_overrides(ct_model, "data.channel=1"), [str(folder)], tmp_path / "out", quiet=True)
-    assert [Path(r["input"]).name for r in records] == ["pat_0001.nii.gz"] and files(tmp_path / "out") == ["pat.json", "pat.nii.gz"]
+    assert [Path(r["input"]).name for r in records] == ["pat_0001.nii.gz"] and files(tmp_path / "out") == volume_files("pat")
     with pytest.raises(SamtuneError, match=r"no scan to predict: pat_0000\.nii\.gz, pat_0001\.nii\.gz are nnU-Net channel files .*data\.channel=2"):
         P.predict(with_overrides(ct_model, "data.channel=2"), [str(folder)], tmp_path / "out2", quiet=True)
 
