@@ -32,7 +32,8 @@ GAP_FACTOR = 1.5  # a step over 1.5 × the median step is a gap (missing slices)
 TILT_TOL_FRACTION = 0.1  # in-plane drift under 0.1 pixel (at least 0.01 mm) changes no voxel visibly
 COSINE_TOL = 1e-4  # direction cosines that differ by less are the same orientation (~0.006°)
 SPACING_TOL_MM = 1e-4  # pixel spacings that differ by less are the same
-RESAMPLE_HINT = "or ask for resampling onto a regular grid (read_series(..., resample=True): linear interpolation)"
+RESAMPLE_HINT = ("or ask for resampling onto a regular grid (linear interpolation): `samtune predict --resample`, "
+                 "or `data.resample: true` in a recipe")
 
 
 class Plane(NamedTuple):

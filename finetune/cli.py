@@ -71,8 +71,10 @@ def _add_predict(sub: Subparsers) -> None:
         help="apply a checkpoint to new scans/images: label NIfTI on the scan's grid, class-index PNG + overlay",
         description="Predict label maps of new inputs with no labels. Automatic mode (every class, no input) when the "
         "checkpoint has it; with --prompts, boxes/points per class from a JSON file (a prompt on one slice of a volume is "
-        "propagated through it). Volumes (.nii/.nii.gz, any orientation, NIfTI-1/2; 4D: data.channel) -> OUT/<name>.nii.gz "
-        "with exactly the scan's shape, affine and sform/qform, and OUT/<name>.json (class names, voxels, mL). Images "
+        "propagated through it). Volumes (.nii/.nii.gz, any orientation, NIfTI-1/2; 4D: data.channel; or a folder of "
+        "DICOM series) -> OUT/<name>.nii.gz with exactly the scan's shape, affine and sform/qform, OUT/<name>.json (class "
+        "names, voxels, mL), OUT/<name>.ctbl and OUT/<name>_itksnap.txt (class names and colours for 3D Slicer and "
+        "ITK-SNAP); DICOM inputs also OUT/<name>.seg.dcm (DICOM-SEG). Images "
         "(PNG/JPEG/TIFF) -> OUT/<name>.png (class values at the original size; Cityscapes: labelIds) and "
         "OUT/<name>_overlay.png. The recipe is read from the checkpoint.",
         epilog='Prompts file: {"coordinates": "voxel" | "RAS" | "LPS" | "pixel", "prompts": [{"class": "liver", '
@@ -85,6 +87,10 @@ def _add_predict(sub: Subparsers) -> None:
     p.add_argument("--prompts", type=Path, default=None, help="JSON of boxes/points per class (see below); default: automatic mode")
     p.add_argument("--recipe", type=Path, default=None, help="recipe to use instead of CHECKPOINT/recipe.yaml")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--series", default=None, metavar="UID", help="DICOM: the SeriesInstanceUID to read where an --input folder holds several image series (they are listed when it is missing)")
+    p.add_argument("--output-format", choices=["nifti", "dicom-seg", "both"], default=None,
+                   help="DICOM inputs: NIfTI label, DICOM-SEG referencing the series (OUT/<name>.seg.dcm), or both (default for DICOM; NIfTI inputs: nifti)")  # fmt: skip
+    p.add_argument("--resample", action="store_true", help="DICOM: interpolate a tilted, gappy or unevenly spaced series onto a regular grid instead of refusing it (NIfTI output only)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides, e.g. automatic.threshold=0.6 eval.batch_size=4 data.channel=1")
 
 
@@ -256,7 +262,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     folder = api.checkpoint_folder(args.checkpoint)
     recipe = load_recipe(args.recipe or folder / "recipe.yaml", args.overrides)
     loaded = api.load_model(folder, recipe, device=args.device)
-    predict(loaded, args.input, args.out, args.prompts)
+    predict(loaded, args.input, args.out, args.prompts, series=args.series, output_format=args.output_format, resample=args.resample)
     return 0
 
 

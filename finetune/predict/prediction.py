@@ -32,6 +32,7 @@ from samtune.datasets.semantic import SemanticDataset, collate_semantic
 from samtune.datasets.source import LabelSpace, SliceSource
 from samtune.files import write_json_atomic
 from samtune.finetune.automatic import has_class_prompts, predict_index_maps
+from samtune.finetune.predict.dicom_io import SEG_SUFFIX, check_output_format, predict_dicom, split_dicom_inputs
 from samtune.finetune.predict.label_files import label_classes, write_label_png, write_overlay, write_viewer_tables
 from samtune.finetune.checkpoints import read_classes
 from samtune.finetune.predict.prompt_file import Prompt, PromptSet, load_prompts
@@ -40,6 +41,7 @@ from samtune.finetune.predict.propagation import SlicePrompt, make_propagator, p
 log = logging.getLogger(__name__)
 # files written per scan: the label, its summary, a 3D Slicer colour table, an ITK-SNAP label description
 VOLUME_SUFFIXES = (".nii.gz", ".json", ".ctbl", "_itksnap.txt")
+VOLUME_KINDS = ("nifti", "dicom")  # data formats of 3D scans: their checkpoints predict NIfTI files and DICOM series
 
 
 
@@ -122,8 +124,12 @@ def _check_pixel(prompt: Prompt, shape: tuple[int, int], name: str) -> None:
 
 def predict(
     loaded, inputs: list[str], out: str | Path, prompts_file: str | Path | None = None, *, batch_size: int | None = None, quiet: bool = False,
+    series: str | None = None, output_format: str | None = None, resample: bool = False,
 ) -> list[dict]:
-    """Predict every input; returns one summary record per input (also printed)."""
+    """Predict every input; returns one summary record per input (also printed). Volume models
+    also take DICOM series folders (``series``: the SeriesInstanceUID to read where a folder holds
+    several; ``output_format``: nifti / dicom-seg / both; ``resample``: interpolate irregular
+    series; ``samtune.finetune.predict.dicom_io``)."""
     recipe = loaded.recipe
     predictor = Predictor(loaded, batch_size or recipe.eval.batch_size, recipe.automatic.threshold)
     prompts = load_prompts(prompts_file, predictor.space.names) if prompts_file else None
@@ -139,8 +145,13 @@ def predict(
         # the classes are the checkpoint's: the training data (data.root, its dataset.json and channels) is not read
         section = section.model_copy(update={"class_names": dict(zip(predictor.space.ids, predictor.space.names))})
     # every input and its output name first: nothing is written before the whole run is known to be consistent
-    if recipe.data.kind == "nifti":
-        planned, suffixes = _plan_volumes(inputs, recipe.data.channel), VOLUME_SUFFIXES
+    volumes = recipe.data.kind in VOLUME_KINDS
+    dicom, inputs = split_dicom_inputs(inputs, series) if volumes else ([], inputs)
+    output_format = check_output_format(output_format, dicom, inputs)
+    if volumes:
+        planned, suffixes = _plan_volumes(inputs, getattr(recipe.data, "channel", 0)) if inputs else [], VOLUME_SUFFIXES
+        planned += [(d.folder, d.name) for d in dicom]
+        suffixes += (SEG_SUFFIX,) if dicom else ()
     else:
         source = open_images(section, inputs)
         files = getattr(source, "files", None)
@@ -151,13 +162,18 @@ def predict(
         _check_prompt_inputs(prompts, planned)
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    if recipe.data.kind == "nifti":
-        for path, name in planned:
+    if volumes:
+        for path, name in planned[: len(planned) - len(dicom)]:
             source = open_images(section, [path])  # one scan in memory at a time
             if len(source) == 0:  # another channel file of an nnU-Net case (planned already skips them)
                 continue
             records.append(_predict_volume(predictor, source, path, out, prompts))
             del source
+        def predict_volume(source, path, label):
+            return _predict_volume(predictor, source, path, out, prompts, input_label=label)
+
+        for d in dicom:
+            records.append(predict_dicom(predictor, lambda path: open_images(section, [path]), predict_volume, d, out, prompts, output_format, resample))
     else:
         for index in range(len(source)):
             records.append(_predict_image(predictor, source, index, out, prompts))
@@ -265,7 +281,9 @@ class _One(SliceSource):
         return self.source.load(self.index)
 
 
-def _predict_volume(predictor: Predictor, source, path: Path, out: Path, prompts: PromptSet | None) -> dict:
+def _predict_volume(predictor: Predictor, source, path: Path, out: Path, prompts: PromptSet | None, input_label: str | None = None) -> dict:
+    """Predict one scan (``path``, opened as ``source``) and write its label on the scan's grid, the
+    summary and the viewers' class tables; ``input_label``: how records name the input (default the path)."""
     import nibabel as nib
 
     from samtune.datasets.nifti_geometry import display_to_file_order, write_label_like
@@ -293,7 +311,7 @@ def _predict_volume(predictor: Predictor, source, path: Path, out: Path, prompts
     counts = {v: int(np.count_nonzero(values == v)) for v in space.file_values()}  # no int64 copy of the volume
     found = {n: counts[v] for n, v in zip(space.names, space.file_values()) if counts[v]}
     sidecar = {
-        "input": str(path), "output": str(target), "checkpoint": str(predictor.loaded.checkpoint),
+        "input": input_label or str(path), "output": str(target), "checkpoint": str(predictor.loaded.checkpoint),
         "mode": "prompted" if prompts is not None else "automatic",
         "classes": {str(v): n for n, v in zip(space.names, space.file_values())}, "background": space.file_background,
         "voxels": found, "ml": {n: round(c * ml_per_voxel, 3) for n, c in found.items()},
@@ -302,7 +320,7 @@ def _predict_volume(predictor: Predictor, source, path: Path, out: Path, prompts
     write_viewer_tables(out / name, predictor.classes)
     parts = ", ".join(f"{n} {c:,} voxels ({c * ml_per_voxel:.1f} mL)" for n, c in found.items()) or (
         "no prompt for this input" if prompts is not None and not given else "no class found")
-    return {"input": str(path), "output": str(target), "voxels": found, "summary": f"{name}: {parts} -> {target}"}
+    return {"input": input_label or str(path), "output": str(target), "voxels": found, "summary": f"{name}: {parts} -> {target}"}
 
 
 def _needs_mapping(space: LabelSpace) -> bool:

@@ -149,3 +149,89 @@ def test_bad_input_is_one_line_and_exit_status_2(case, match, ct_run, promptable
     message = [line for line in err.splitlines() if line.startswith("samtune predict: error: ")]
     assert len(message) == 1 and re.search(match, message[0]), err
     assert not any((tmp_path / "out").glob("*.nii.gz"))
+
+
+# ------------------------------------------------ DICOM ------------------------------------------------
+def _dcm2niix() -> str | None:
+    try:
+        import dcm2niix
+    except ImportError:
+        return None
+    binary = Path(dcm2niix.__file__).with_name("dcm2niix")
+    return str(binary) if binary.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def dicom_patient(tmp_path_factory, phantom_template) -> tuple[Path, Path]:
+    """One phantom scan's HU as an oblique DICOM CT series (PACS-like: files without suffix, a stray
+    file), and the NIfTI that the independent converter dcm2niix makes of it."""
+    import subprocess
+
+    from samtune.datasets.synthetic_dicom import rotation_orientation, write_series
+
+    binary = _dcm2niix()
+    if binary is None:
+        pytest.skip("the dcm2niix reference converter is not installed (dev extra)")
+    tmp = tmp_path_factory.mktemp("dicom")
+    hu = np.asanyarray(nib.load(sorted((phantom_template / "imagesTr").glob("*.nii.gz"))[0]).dataobj)[:, :, 3:8]
+    stored = (hu.astype(np.int32) + 1024).clip(0, 4095).astype(np.int16).transpose(2, 1, 0)  # slices × rows × columns
+    folder = tmp / "patient_7"
+    write_series(folder / "CT", stored, spacing_mm=(3.0, 3.0, 5.0), orientation=rotation_orientation("x", 20.0), origin_lps=(-70.0, -60.0, 10.0))
+    (folder / "DICOMDIR.txt").write_text("exported by a PACS")
+    converted = tmp / "nifti"
+    converted.mkdir()
+    subprocess.run([binary, "-z", "y", "-b", "n", "-f", "patient_7", "-o", str(converted), str(folder / "CT")], check=True, capture_output=True)
+    return folder, converted / "patient_7.nii.gz"
+
+
+def test_a_dicom_series_predicts_as_its_nifti_conversion_and_writes_a_seg(ct_run, dicom_patient, tmp_path):
+    """The same patient from its DICOM series and from dcm2niix's NIfTI: the same label on the same
+    grid; the DICOM-SEG references the series and holds that label voxel for voxel."""
+    import pydicom
+
+    from samtune.datasets.dicom_seg import read_seg
+    from samtune.datasets.dicom_series import choose_series, find_series, read_series
+
+    folder, converted = dicom_patient
+    loose = "automatic.threshold=0.05"  # an untrained checkpoint: a low threshold gives labels worth comparing
+    assert main(["-q", "predict", "--checkpoint", str(ct_run), "--input", str(folder), "--out", str(tmp_path / "dicom"), loose]) == 0
+    assert main(["-q", "predict", "--checkpoint", str(ct_run), "--input", str(converted), "--out", str(tmp_path / "nifti"), loose]) == 0
+    written = sorted(p.name for p in (tmp_path / "dicom").iterdir())
+    assert written == ["patient_7.ctbl", "patient_7.json", "patient_7.nii.gz", "patient_7.seg.dcm", "patient_7_itksnap.txt"]
+    from_dicom = nib.as_closest_canonical(nib.load(tmp_path / "dicom" / "patient_7.nii.gz"))
+    from_nifti = nib.as_closest_canonical(nib.load(tmp_path / "nifti" / "patient_7.nii.gz"))
+    np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-4)
+    label = np.asanyarray(from_dicom.dataobj)
+    assert np.array_equal(label, np.asanyarray(from_nifti.dataobj)) and len(np.unique(label)) > 1
+
+    volume = read_series(choose_series(find_series(folder)[0]))
+    seg_label, classes = read_seg(tmp_path / "dicom" / "patient_7.seg.dcm", volume.sources)
+    assert np.array_equal(seg_label, np.asanyarray(nib.load(tmp_path / "dicom" / "patient_7.nii.gz").dataobj))
+    assert [c.name for c in classes] == CT_SPACE.names and classes[0].code.type.value == "10200004"  # liver
+    seg = pydicom.dcmread(tmp_path / "dicom" / "patient_7.seg.dcm")
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.info.uid
+    meta = json.loads((tmp_path / "dicom" / "patient_7.json").read_text())
+    assert meta["input"] == f"{folder} (series {volume.info.uid})"
+
+
+def test_dicom_outputs_series_choice_and_refusals(ct_run, dicom_patient, tmp_path, capsys):
+    from samtune.datasets.synthetic_dicom import write_series
+
+    folder, converted = dicom_patient
+    out = tmp_path / "seg_only"
+    assert main(["-q", "predict", "--checkpoint", str(ct_run), "--input", str(folder), "--out", str(out), "--output-format", "dicom-seg"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["patient_7.json", "patient_7.seg.dcm"]
+    # a second series in the folder: the choice is the user's, and the message lists both
+    two = tmp_path / "two"
+    import shutil
+
+    shutil.copytree(folder, two)
+    write_series(two / "MR", np.zeros((3, 8, 8), np.int16), modality="MR", rescale=(1.0, 0.0), description="T2 axial", series_number=5)
+    assert main(["-q", "predict", "--checkpoint", str(ct_run), "--input", str(two), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "2 image series found" in err and "T2 axial" in err and "--series UID" in err and "Traceback" not in err
+    ct_uid = next(line.split()[0] for line in err.splitlines() if "CT " in line and "'synthetic'" in line)
+    assert main(["-q", "predict", "--checkpoint", str(ct_run), "--input", str(two), "--out", str(tmp_path / "o3"), "--series", ct_uid]) == 0
+    # DICOM-SEG of a NIfTI input: refused, naming the input
+    assert main(["-q", "predict", "--checkpoint", str(ct_run), "--input", str(converted), "--out", str(tmp_path / "o4"), "--output-format", "both"]) == 2
+    assert f"{converted} is not a DICOM folder" in capsys.readouterr().err

@@ -252,7 +252,7 @@ def test_gantry_tilt_is_refused_with_the_angle(tmp_path):
     with pytest.raises(SamtuneError) as err:
         _read(tmp_path)
     message = str(err.value)
-    for part in ("gantry tilt", "12.00°", "GantryDetectorTilt 12°", "series ", "resample=True", "tolerance"):
+    for part in ("gantry tilt", "12.00°", "GantryDetectorTilt 12°", "series ", "samtune predict --resample", "data.resample: true", "tolerance"):
         assert part in message, part
 
 
