@@ -106,13 +106,16 @@ def _add_validate(sub: Subparsers) -> None:
 def _add_demo_data(sub: Subparsers) -> None:
     p = sub.add_parser(
         "demo-data",
-        help="generate the synthetic demo datasets (CT phantom, Cityscapes-style)",
+        help="generate the synthetic demo datasets (CT phantom as NIfTI or DICOM, Cityscapes-style)",
         description="Write a synthetic CT phantom set in nnU-Net v2 layout (OUT/Dataset900_CTPhantom) and a "
-        "synthetic Cityscapes-style tree (OUT/cityscapes). Deterministic from --seed.",
+        "synthetic Cityscapes-style tree (OUT/cityscapes). --kind dicom writes the same CT phantom as a PACS export "
+        "(OUT/DicomCTPhantom/PHANTOM_000/CT: one DICOM file per slice; .../SEG: the ground truth as DICOM-SEG). "
+        "Deterministic from --seed.",
     )
     p.add_argument("--out", type=Path, required=True, help="folder to write the datasets into")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    p.add_argument("--kind", choices=["all", "ct", "cityscapes"], default="all", help="which dataset(s) to write")
+    p.add_argument("--kind", choices=["all", "ct", "cityscapes", "dicom"], default="all",
+                   help="which dataset(s) to write; all = ct and cityscapes (dicom takes a few seconds more)")
 
 
 def _add_export(sub: Subparsers) -> None:
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
-    for noisy in ("transformers", "peft", "PIL", "matplotlib"):
+    for noisy in ("transformers", "peft", "PIL", "matplotlib", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="peft")
     # transformers' own deprecation notices (raised inside peft/transformers, nothing a user can act on)

@@ -172,13 +172,14 @@ def build_trainable_model(recipe: Recipe, family: ModelFamily, data: DataBundle,
 
 def _class_codes(recipe: Recipe, data: DataBundle) -> dict:
     """``{"codes": {name: code}}`` for the volume formats (codes for DICOM-SEG and viewers: the
-    recipe's ``data.class_codes``, else samtune's organ table, else null = unknown, with a warning);
-    nothing for the others."""
+    recipe's ``data.class_codes``, else the codes the data carries (DICOM-SEG segments), else
+    samtune's organ table, else null = unknown, with a warning); nothing for the others."""
     if "class_codes" not in type(recipe.data).model_fields:
         return {}
-    from samtune.datasets.label_codes import code_to_dict, resolve_codes
+    from samtune.datasets.label_codes import UNKNOWN, code_to_dict, resolve_codes
 
-    codes = resolve_codes(data.space.names, recipe.data.class_codes)
+    found = {n: c for n, c in (getattr(data.split, "codes", None) or {}).items() if c is not UNKNOWN and n in data.space.names}
+    codes = resolve_codes(data.space.names, {**found, **(recipe.data.class_codes or {})})
     return {"codes": {name: code_to_dict(code) for name, code in codes.items()}}
 
 
