@@ -25,13 +25,13 @@ from samtune.schema import Section
 from samtune.suggest import did_you_mean
 
 # imported by ``all_formats()`` so that every format has registered itself
-FORMAT_MODULES = ("samtune.datasets.cityscapes", "samtune.datasets.nifti", "samtune.datasets.folder2d")
+FORMAT_MODULES = ("samtune.datasets.cityscapes", "samtune.datasets.nifti", "samtune.datasets.folder2d", "samtune.datasets.dicom")
 
 
 class DataSectionBase(Section):
     """Keys every data format has."""
 
-    kind: str = Field(description="dataset format: `cityscapes` (leftImg8bit/gtFine tree), `nifti` (nnU-Net v2, MSD, or images/ + labels/ NIfTI folders) or `folder2d` (images/ PNG/JPEG/TIFF + labels/ PNG label maps)")
+    kind: str = Field(description="dataset format: `cityscapes` (leftImg8bit/gtFine tree), `nifti` (nnU-Net v2, MSD, or images/ + labels/ NIfTI folders), `folder2d` (images/ PNG/JPEG/TIFF + labels/ PNG label maps) or `dicom` (a PACS export: DICOM image series with their DICOM-SEG labels)")
     root: str = Field(description="dataset folder (relative paths are relative to the current directory)")
     on_bad_case: Literal["error", "skip"] = Field("error", description="unusable case or image (unreadable, shape/affine mismatch, unknown label values, NaN, ...): `error` stops naming the file and the fix; `skip` leaves it out, logs it and lists it in `samtune inspect`")
     classes: Optional[list[str]] = Field(None, description="class names to train and evaluate on (default: all classes of the dataset)")
@@ -42,19 +42,25 @@ class DataSectionBase(Section):
         return None
 
 
-class CaseSplitKeys(Section):
+class SplitKeys(Section):
     """Keys of formats whose train/val split is chosen by samtune (per case or per image)."""
 
     val_fraction: float = Field(0.25, gt=0, lt=1, description="fraction of cases (patients) or images held out for validation, seeded by `seed` (without `split_file` or a val/ folder)")
     split_file: Optional[str] = Field(None, description='JSON split, `{"train": [names], "val": [names]}` or nnU-Net\'s splits_final.json (list of folds, see `fold`); a relative path is looked up in the current directory, then in `root`')
     fold: int = Field(0, ge=0, description="fold of an nnU-Net splits_final.json `split_file`")
+
+
+class CaseSplitKeys(SplitKeys):
+    """The split keys, and class names for label files that carry none (formats whose classes come
+    with the labels, as DICOM-SEG segment labels, take ``SplitKeys`` alone)."""
+
     class_names: dict[int, str] | None = Field(None, description="label value -> class name, e.g. `{1: polyp}`, for images/ + labels/ folders (replaces dataset.json's labels); default `class_<k>` for every value found")
 
 
 class DemoKeys(Section):
     """Keys of formats that have a synthetic demo dataset (``DataFormat.make_demo``)."""
 
-    generate_demo: bool = Field(False, description="when `root` does not exist, generate this kind's synthetic demo dataset there (CT phantom / Cityscapes-style tree)")
+    generate_demo: bool = Field(False, description="when `root` does not exist, generate this kind's synthetic demo dataset there (CT phantom as NIfTI or as a DICOM export / Cityscapes-style tree)")
 
 
 OpenSources = Callable[..., "object"]  # (section, *, seed, on_bad_case, progress) -> DataSplit

@@ -32,7 +32,7 @@ from samtune.datasets.nifti_layouts import (  # noqa: F401  (re-exported: the NI
 )  # fmt: skip
 from samtune.datasets.formats import CaseSplitKeys, DataSectionBase, DemoKeys, register_format, register_images
 from samtune.datasets.source import DataSplit, SliceSource
-from samtune.datasets.splits import choose_split, unify_class_names
+from samtune.datasets.splits import choose_split, split_by_fraction, unify_class_names
 from samtune.datasets.volume import read_case, scale_to_0_255
 from samtune.schema import Section
 from samtune.suggest import did_you_mean
@@ -155,9 +155,9 @@ class VolumeKeys(Section):
     spacing_mm: tuple[float, float] | None = Field(None, description="resample slices in-plane to this pixel spacing [x, y] in mm (image linear, labels nearest neighbour); default: keep the scan's")
     context_slices: int = Field(0, ge=0, description="2.5D: 0 = the slice repeated as RGB; k = slices z-k, z, z+k as the three channels (clamped at the volume ends)")
     empty_slice_ratio: float = Field(0.0, ge=0, description="slices without foreground kept per slice with foreground, per case (seeded); 0 keeps none. Prompted samples need an object, so kept empty slices are counted by `samtune inspect` but not trained on")
-    cache_dir: Optional[str] = Field(None, description="preprocessing cache (memory-mapped uint8 slices + slice index), rebuilt when files or settings change; default `<root>/.samtune_cache`, or `~/.cache/samtune` when `root` is read-only")
+    cache_dir: Optional[str] = Field(None, description="preprocessing cache (memory-mapped uint8 slices + slice index), rebuilt when files or settings change (kind dicom: also the series converted to NIfTI, in `dicom_nifti/`); default `<root>/.samtune_cache`, or `~/.cache/samtune` when `root` is read-only")
 
-    class_codes: Optional[dict[str, dict]] = Field(None, description="per class name its standard code and display colour (DICOM-SEG, Slicer and ITK-SNAP files), e.g. `{liver: {type: 'SCT:10200004'}, kidney_left: {type: 'SCT:64033007', modifier: 'SCT:7771000', color: [185, 102, 83]}}`; `category` defaults to SCT 91723000 Anatomical Structure. Classes not given are looked up by name in samtune's organ table (datasets/label_codes.py); the rest are written as 'Unknown' with a warning, never as a guessed organ")
+    class_codes: Optional[dict[str, dict]] = Field(None, description="per class name its standard code and display colour (DICOM-SEG, Slicer and ITK-SNAP files), e.g. `{liver: {type: 'SCT:10200004'}, kidney_left: {type: 'SCT:64033007', modifier: 'SCT:7771000', color: [185, 102, 83]}}`; `category` defaults to SCT 91723000 Anatomical Structure. Classes not given take the codes of their DICOM-SEG segments (kind dicom), else are looked up by name in samtune's organ table (datasets/label_codes.py); the rest are written as 'Unknown' with a warning, never as a guessed organ")
 
     @model_validator(mode="after")
     def _check_intensity(self):
@@ -246,10 +246,51 @@ def _channel_warning(cases: list, ds: NiftiDataset, channel: int, chosen: bool) 
 @register_format(NiftiData, make_demo=_make_demo)
 def open_nifti(section: NiftiData, *, seed: int, on_bad_case: str, progress: bool = True) -> DataSplit:
     """Cases split per patient, preprocessed into the slice cache, served as axial slices."""
+    ds = discover_dataset(Path(section.root), section.channel, section.class_names, on_bad_case)
+    chosen = "channel" in section.model_fields_set
+    return serve_cases(section, ds, seed=seed, on_bad_case=on_bad_case, progress=progress, channel=(section.channel, chosen))
+
+
+def volume_cache_dir(section: VolumeKeys) -> Path:
+    """``data.cache_dir``, else ``<root>/.samtune_cache`` (or the user cache when root is read-only)."""
+    return Path(section.cache_dir).expanduser() if section.cache_dir else default_cache_dir(Path(section.root))
+
+
+def split_patients(cases: list[Case], section, root: Path, seed: int, skipped: list[dict], patients: dict[str, str] | None):
+    """Train/val cases (``choose_split``); with ``patients`` (case name -> patient) holding a patient
+    twice (two labelled scans), the fraction split draws patients, so no patient is on both sides
+    (scans of one patient are not independent samples). A split file names cases: a patient it
+    puts on both sides gets a warning, returned."""
+    grouped = patients is not None and len(set(patients.values())) < len(patients)
+    if grouped and not section.split_file:
+        names = sorted(set(patients.values()))
+        train_p, val_p = split_by_fraction(names, section.val_fraction, seed, name=str)
+        val_set = set(val_p)
+        train = [c for c in cases if patients[c.name] not in val_set]
+        val = [c for c in cases if patients[c.name] in val_set]
+        log.info("patients: %d train, %d val (%s); cases: %d train, %d val", len(train_p), len(val_p), ", ".join(val_p[:20]), len(train), len(val))
+        return train, val, []
+    train, val = choose_split(cases, section, root, seed, skipped)
+    if not patients:
+        return train, val, []
+    both = sorted({patients[c.name] for c in train} & {patients[c.name] for c in val})
+    warning = (f"{section.split_file}: patients {both[:10]} have cases on both sides of the split (train and val); "
+               "their scans are not independent: put all cases of a patient on one side") if both else None  # fmt: skip
+    return train, val, [warning] if warning else []
+
+
+def serve_cases(
+    section: VolumeKeys, ds: NiftiDataset, *, seed: int, on_bad_case: str, progress: bool,
+    channel: tuple[int, bool] | None = None, patients: dict[str, str] | None = None, codes: dict | None = None,
+) -> DataSplit:
+    """The volume formats after their cases are found (``nifti``, and ``dicom`` converted to NIfTI):
+    split per patient, slices from the cache (``NiftiSliceSource``), warnings logged, ``DataSplit``.
+    ``section`` has the ``VolumeKeys`` and ``SplitKeys``; ``channel``: (data.channel, set by
+    the user) of a format whose images may be 4D; ``patients``: case -> patient where a patient
+    may have several cases; ``codes``: class name -> code found in the data (DICOM-SEG)."""
     root = Path(section.root)
-    ds = discover_dataset(root, section.channel, section.class_names, on_bad_case)
-    train_cases, val_cases = choose_split(ds.cases, section, root, seed, ds.skipped)
-    cache_dir = Path(section.cache_dir).expanduser() if section.cache_dir else default_cache_dir(root)
+    train_cases, val_cases, split_warnings = split_patients(ds.cases, section, root, seed, ds.skipped, patients)
+    cache_dir = volume_cache_dir(section)
     common = dict(
         spacing_mm=tuple(section.spacing_mm) if section.spacing_mm else None, cache_dir=cache_dir,
         context_slices=section.context_slices, empty_slice_ratio=section.empty_slice_ratio,
@@ -259,8 +300,8 @@ def open_nifti(section: NiftiData, *, seed: int, on_bad_case: str, progress: boo
     val = NiftiSliceSource(val_cases, ds.classes, section.intensity_setting(), desc="val cases", **common)
     if ds.classes is None:
         unify_class_names(train, val)
-    found = list(ds.warnings)
-    multi_channel = _channel_warning([c for src in (train, val) for c in src.cases], ds, section.channel, "channel" in section.model_fields_set)
+    found = list(ds.warnings) + split_warnings
+    multi_channel = _channel_warning([c for src in (train, val) for c in src.cases], ds, *channel) if channel else None
     if multi_channel:
         found.append(multi_channel)
     for warning in found:
@@ -270,7 +311,7 @@ def open_nifti(section: NiftiData, *, seed: int, on_bad_case: str, progress: boo
     if background:
         log.warning("%d cases have an all-background label (legal, but check them): %s", len(background), ", ".join(background[:10]))
     skipped = ds.skipped + train.skipped + val.skipped
-    return DataSplit(train, val, ds.layout, skipped, ds.notes, warnings, cache_dir, ds.channel_names)
+    return DataSplit(train, val, ds.layout, skipped, ds.notes, warnings, cache_dir, ds.channel_names, codes=dict(codes or {}))
 
 
 @register_images(NiftiData)
@@ -278,24 +319,36 @@ def open_nifti_images(section: NiftiData, paths: list) -> NiftiSliceSource:
     """Scans without labels, every slice served (prediction). nnU-Net channel files
     ``{case}_{XXXX}`` are grouped by case and ``data.channel`` picks the file; class names come
     from ``data.class_names`` or the dataset.json at ``data.root``, when there is one."""
+    classes = section.class_names
+    if classes is None and (Path(section.root) / "dataset.json").is_file():
+        classes = discover_dataset(section.root, section.channel, None, "skip").classes
+    return scan_source(section, scan_cases(paths, section.channel), {int(k): str(v) for k, v in (classes or {}).items()})
+
+
+def scan_cases(paths: list, channel: int) -> list[Case]:
+    """The NIfTI scans among ``paths`` (files, or folders of them) as label-free cases: nnU-Net
+    channel files ``{case}_{XXXX}`` named by case, only ``channel``'s file taken."""
     cases, seen = [], set()
     for path in list_input_files(paths, NIFTI_SUFFIXES):
         stem = _strip_suffix(path.name)
         m = re.fullmatch(r"(.+)_(\d{4})", stem)
         if m:
-            if int(m.group(2)) != section.channel:
+            if int(m.group(2)) != channel:
                 continue
             cases.append(Case(m.group(1), path, None))
         else:
-            cases.append(Case(stem, path, None, section.channel))
+            cases.append(Case(stem, path, None, channel))
         if cases[-1].name in seen:
             raise SamtuneError(f"{path}: a second scan named {cases[-1].name!r}; give each scan its own name.")
         seen.add(cases[-1].name)
-    classes = section.class_names
-    if classes is None and (Path(section.root) / "dataset.json").is_file():
-        classes = discover_dataset(section.root, section.channel, None, "skip").classes
+    return cases
+
+
+def scan_source(section: VolumeKeys, cases: list[Case], classes: dict[int, str]) -> NiftiSliceSource:
+    """Label-free ``cases`` with the section's intensity, spacing and 2.5D settings, every slice
+    served, in memory (no cache: a scan to predict on is read once)."""
     return NiftiSliceSource(
-        cases, {int(k): str(v) for k, v in (classes or {}).items()}, section.intensity_setting(),
+        cases, classes, section.intensity_setting(),
         spacing_mm=tuple(section.spacing_mm) if section.spacing_mm else None, cache_dir=None,
         context_slices=section.context_slices, empty_slice_ratio=None,
     )  # fmt: skip

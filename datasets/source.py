@@ -134,9 +134,12 @@ class DataSplit:
 
     train: SliceSource
     val: SliceSource
-    layout: str  # cityscapes | nnunet_v2 | msd | folders | folder2d
+    layout: str  # cityscapes | nnunet_v2 | msd | folders | folder2d | dicom
     skipped: list[dict] = field(default_factory=list)  # every bad case left out, once
     notes: list[str] = field(default_factory=list)  # files ignored (macOS forks, labels without image, ...)
     warnings: list[str] = field(default_factory=list)  # legal but suspicious (all-background labels, ...)
     cache_dir: Path | None = None
     channel_names: dict[int, str] = field(default_factory=dict)
+    # class name -> label_codes.ClassCode, or label_codes.UNKNOWN where the data says "Unknown" (DICOM-SEG
+    # segment codes, for the checkpoint's classes.json); empty for formats whose files carry no codes
+    codes: dict[str, object] = field(default_factory=dict)

@@ -337,19 +337,15 @@ def generate_cityscapes(out_dir, n_train=24, n_val=8, size_wh=(512, 256), seed=0
 
 
 def generate_demo_data(out_dir, seed=0, kinds=("ct", "cityscapes")) -> dict[str, Path]:
-    """Write default-sized ``out_dir/Dataset900_CTPhantom``, ``out_dir/cityscapes`` and
-    ``out_dir/DicomCTPhantom`` (those in ``kinds``: "ct", "cityscapes", "dicom"); return
-    ``{kind: path}`` for the kinds written. "dicom" is not a default: it takes ~6 s."""
-    unknown = set(kinds) - {"ct", "cityscapes", "dicom"}
+    """Write default-sized ``out_dir/Dataset900_CTPhantom`` and ``out_dir/cityscapes`` (those in
+    ``kinds``); return ``{"ct": path, "cityscapes": path}`` for the kinds written. The DICOM export
+    of the phantom builds on this module: ``samtune.datasets.dicom_demo``."""
+    unknown = set(kinds) - {"ct", "cityscapes"}
     if unknown:
-        raise ValueError(f"unknown kinds {sorted(unknown)}; choose from 'ct', 'cityscapes', 'dicom'")
+        raise ValueError(f"unknown kinds {sorted(unknown)}; choose from 'ct', 'cityscapes'")
     out, paths = Path(out_dir), {}
     if "ct" in kinds:
         paths["ct"] = generate_ct_phantom(out, seed=seed)
     if "cityscapes" in kinds:
         paths["cityscapes"] = generate_cityscapes(out / "cityscapes", seed=seed)
-    if "dicom" in kinds:
-        from samtune.datasets import dicom_demo  # imported here: it builds on this module
-
-        paths["dicom"] = dicom_demo.generate_dicom_phantom(out, seed=seed)
     return paths

@@ -34,7 +34,7 @@ def _empty_report(recipe: Recipe) -> dict:
     data = recipe.data
     intensity = data.intensity_setting()
     return {
-        "kind": data.kind, "layout": None, "root": str(data.root), "cache_dir": None,
+        "kind": data.kind, "layout": None, "root": str(data.root), "cache_dir": None, "volumetric": False,
         "cases": {"train": [], "val": []}, "slices": {"total": 0, "with_foreground": 0, "train": 0, "val": 0},
         "classes": {}, "spacing_mm": None, "orientation": None,
         "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
@@ -103,7 +103,7 @@ def inspect_data(recipe: Recipe, progress: bool = True) -> dict:
     except SamtuneError as exc:
         report["problems"].append({"case": None, "file": None, "problem": str(exc)})
         return report
-    report.update(layout=sources.layout, cache_dir=str(sources.cache_dir) if sources.cache_dir else None)
+    report.update(layout=sources.layout, cache_dir=str(sources.cache_dir) if sources.cache_dir else None, volumetric=sources.train.volumetric)
     report["problems"].extend(sources.skipped)
     report["notes"].extend(sources.notes)
     report["warnings"].extend(sources.warnings)
@@ -121,7 +121,7 @@ def inspect_data(recipe: Recipe, progress: bool = True) -> dict:
 
 
 def format_report(report: dict) -> str:
-    kind_word = "slices" if report["kind"] == "nifti" else "images"
+    kind_word = "slices" if report["volumetric"] else "images"
     s = report["slices"]
     lines = [
         f"data        {report['kind']} ({report['layout']}) at {report['root']}",
@@ -138,7 +138,7 @@ def format_report(report: dict) -> str:
     if report["intensity"] is not None:
         lines.append(f"intensity   {report['intensity']}")
     if report["classes"]:
-        unit = "voxels" if report["kind"] == "nifti" else "pixels"
+        unit = "voxels" if report["volumetric"] else "pixels"
         lines.append(f"classes     {'id':>4}  {'name':<20} {unit:>12} {kind_word:>8} {'cases' if report['kind'] == 'nifti' else '':>6}")
         for name, c in report["classes"].items():
             lines.append(f"            {c['id']:>4}  {name:<20} {c['voxels']:>12,} {c['slices']:>8} {c['cases'] if report['kind'] == 'nifti' else '':>6}")

@@ -42,6 +42,22 @@ def cs_root(cs_template, tmp_path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def dicom_template(tmp_path_factory) -> Path:
+    """The CT phantom as a small DICOM export (3 patients of 48×48×12: CT series + DICOM-SEG), generated once."""
+    from samtune.datasets.dicom_demo import generate_dicom_phantom
+
+    return generate_dicom_phantom(tmp_path_factory.mktemp("dicom"), n_cases=3, shape=(48, 48, 12))
+
+
+@pytest.fixture
+def dicom_root(dicom_template, tmp_path) -> Path:
+    """A private copy of the DICOM export (its conversion cache is written inside it)."""
+    root = tmp_path / dicom_template.name
+    shutil.copytree(dicom_template, root)
+    return root
+
+
 def two_blobs() -> np.ndarray:
     mask = np.zeros((40, 40), bool)
     mask[5:15, 5:15] = True  # 100 px

@@ -40,7 +40,8 @@ class DicomInput:
 
 
 def split_dicom_inputs(inputs: list[str], series_uid: str | None) -> tuple[list[DicomInput], list[str]]:
-    """(DICOM series folders, every other input): a folder without NIfTI files is read as DICOM."""
+    """(DICOM series folders, every other input): a folder without NIfTI files that holds DICOM
+    image series is read as DICOM."""
     from samtune.datasets.dicom_series import choose_series, find_series
 
     dicom, rest = [], []
@@ -50,6 +51,9 @@ def split_dicom_inputs(inputs: list[str], series_uid: str | None) -> tuple[list[
             rest.append(item)
             continue
         found, skipped = find_series(folder)
+        if not found:  # neither NIfTI nor DICOM images: the NIfTI listing names the empty folder
+            rest.append(item)
+            continue
         info = choose_series(found, series_uid, where=str(folder), skipped=skipped)
         dicom.append(DicomInput(folder, info, folder.resolve().name))
     if series_uid is not None and not dicom:

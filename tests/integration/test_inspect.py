@@ -12,7 +12,7 @@ import yaml
 from samtune.datasets.synthetic import generate_cityscapes
 from samtune.finetune.cli import main
 
-KEYS = {"kind", "layout", "root", "cache_dir", "cases", "slices", "classes", "spacing_mm", "orientation", "intensity", "problems", "warnings", "notes"}
+KEYS = {"kind", "layout", "root", "cache_dir", "volumetric", "cases", "slices", "classes", "spacing_mm", "orientation", "intensity", "problems", "warnings", "notes"}
 
 
 def _recipe(tmp_path: Path, data: dict) -> Path:
@@ -28,7 +28,7 @@ def test_inspect_good_nifti_dataset(phantom, tmp_path, capsys):
     assert "no problems" in out and "liver" in out and "LPS: 3" in out
     report = json.loads((tmp_path / "run" / "inspect.json").read_text())  # default: <output.dir>/inspect.json
     assert set(report) == KEYS
-    assert report["kind"] == "nifti" and report["layout"] == "nnunet_v2" and report["root"] == str(phantom)
+    assert report["kind"] == "nifti" and report["volumetric"] and report["layout"] == "nnunet_v2" and report["root"] == str(phantom)
     assert report["cache_dir"] == str(phantom / ".samtune_cache")
     assert sorted(report["cases"]["train"] + report["cases"]["val"]) == ["phantom_000", "phantom_001", "phantom_002"]
     assert len(report["cases"]["val"]) == 1

@@ -1,7 +1,7 @@
 """Every shipped recipe trains: one step and its evaluations, with the recipe's own settings (task,
 mode, LoRA preset, prompts and rounds, loss, schedule, attention, cache, augmentation) and only
 what needs weights, data or a GPU swapped: the model for ``tiny`` at 64 px, the data for the
-generated phantom / Cityscapes-style tree, fp32 on the CPU."""
+generated phantom (NIfTI or DICOM) / Cityscapes-style tree, fp32 on the CPU."""
 
 from __future__ import annotations
 
@@ -20,16 +20,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
-def test_a_shipped_recipe_runs_one_step(path, phantom, cs_root, tmp_path):
+def test_a_shipped_recipe_runs_one_step(path, request, tmp_path):
     raw = yaml.safe_load(path.read_text())
-    root = {"nifti": phantom, "cityscapes": cs_root}[raw["data"]["kind"]]
+    root = request.getfixturevalue({"nifti": "phantom", "cityscapes": "cs_root", "dicom": "dicom_root"}[raw["data"]["kind"]])
     overrides = [
         "model.name=tiny", "model.checkpoint=null", "model.image_size=64",
         f"data.root={root}", "data.classes=null", "data.min_pixels=10",
         "train.steps=1", "train.eval_every=1", "train.batch_size=2", "train.num_workers=0", "train.device=cpu",
         "train.precision=fp32", "eval.max_samples=4", "eval.batch_size=4", f"output.dir={tmp_path / 'run'}",
     ]  # fmt: skip
-    if raw["data"]["kind"] == "nifti":  # 3 phantom cases: one for validation
+    if raw["data"]["kind"] in ("nifti", "dicom"):  # 3 phantom cases (patients): one for validation
         overrides += ["data.generate_demo=false", "data.val_fraction=0.34", "data.split_file=null"]
     assert main(["-q", "train", str(path), *overrides]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

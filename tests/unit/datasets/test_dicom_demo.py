@@ -21,7 +21,7 @@ from samtune.datasets.dicom_demo import DICOM_DATASET_NAME, generate_dicom_phant
 from samtune.datasets.dicom_seg import read_seg
 from samtune.datasets.dicom_series import choose_series, find_series, read_series
 from samtune.datasets.label_codes import resolve_codes
-from samtune.datasets.synthetic import CT_LABELS, generate_ct_phantom, generate_demo_data
+from samtune.datasets.synthetic import CT_LABELS, generate_ct_phantom
 from samtune.finetune.cli import main
 
 KW = dict(n_cases=2, shape=(48, 48, 12), spacing_mm=(3.0, 3.0, 5.0))
@@ -169,4 +169,3 @@ def test_demo_data_kind_dicom(tmp_path, monkeypatch, capsys):
     marker = json.loads((tmp_path / DICOM_DATASET_NAME / synthetic._MARKER).read_text())
     assert marker == {"kind": "dicom", "seed": 2}
     assert not (tmp_path / synthetic.CT_DATASET_NAME).exists()  # only the kind asked for
-    assert generate_demo_data(tmp_path, kinds=("dicom",)) == {"dicom": tmp_path / DICOM_DATASET_NAME}

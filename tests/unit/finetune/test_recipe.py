@@ -94,11 +94,11 @@ def test_missing_required_key(tmp_path):
 
 
 def test_several_problems_reported_together_in_one_error(tmp_path):
-    path = _write(tmp_path, "data:\n  kind: dicom\ntrain:\n  step: 100\n  lr: fast\nmodle: {}\n")
+    path = _write(tmp_path, "data:\n  kind: dicomdir\ntrain:\n  step: 100\n  lr: fast\nmodle: {}\n")
     msg = _error(path)
     assert msg.startswith(str(path))
     assert "4 problems" in msg  # with an unknown kind, the data keys cannot be checked yet
-    for fragment in ("`data.kind` = 'dicom': unknown data format", "`train.step`", "`train.lr`", "`modle`"):
+    for fragment in ("`data.kind` = 'dicomdir': unknown data format", "`train.step`", "`train.lr`", "`modle`"):
         assert fragment in msg
     msg = _error(_write(tmp_path, "data:\n  kind: nifti\ntrain:\n  step: 100\n"))
     assert "2 problems" in msg and "`data.root`: required key is missing" in msg
@@ -107,13 +107,13 @@ def test_several_problems_reported_together_in_one_error(tmp_path):
 # -------------------------------------- one data section per kind --------------------------------------
 def test_a_key_of_another_kind_names_the_kind_it_belongs_to(tmp_path):
     msg = _error(_write(tmp_path, "data: {kind: cityscapes, root: x}\n"), ["data.context_slices=2"])
-    assert "`data.context_slices`: a key of data.kind=nifti, not of data.kind=cityscapes" in msg
+    assert "`data.context_slices`: a key of data.kind=nifti / dicom, not of data.kind=cityscapes" in msg
     msg = _error(_write(tmp_path, "data: {kind: folder2d, root: x, generate_demo: true}\n"))
-    assert "a key of data.kind=cityscapes / nifti, not of data.kind=folder2d" in msg
+    assert "a key of data.kind=cityscapes / nifti / dicom, not of data.kind=folder2d" in msg
 
 
 def test_data_kind_is_required_and_checked(tmp_path):
-    assert "`data.kind`: required key is missing (one of: cityscapes, nifti, folder2d)" in _error(_write(tmp_path, "data: {root: x}\n"))
+    assert "`data.kind`: required key is missing (one of: cityscapes, nifti, folder2d, dicom)" in _error(_write(tmp_path, "data: {root: x}\n"))
     assert "did you mean `cityscapes`?" in _error(_write(tmp_path, "data: {kind: cityscape, root: x}\n"))
 
 
@@ -201,13 +201,13 @@ def _leaf_keys(node: dict, prefix: str = "") -> set[str]:
 
 def test_recipe_table_has_a_row_for_every_leaf_key(tmp_path):
     leaves = set()
-    for kind in ("nifti", "cityscapes", "folder2d"):
+    for kind in ("nifti", "cityscapes", "folder2d", "dicom"):
         leaves |= _leaf_keys(yaml.safe_load(dump_recipe(load_recipe(_write(tmp_path, f"data: {{kind: {kind}, root: x}}\n")))))
     assert {"train.lr", "adapter.lora.rank", "data.window_hu", "data.cities", "seed", "output.dir"} <= leaves
     lines = recipe_table().splitlines()
     assert lines[0].startswith("| key |")
     kind_rows = [line for line in lines[2:] if line.startswith("| ***data.kind: ")]
-    assert [r.split("***")[1] for r in kind_rows] == ["data.kind: cityscapes", "data.kind: nifti", "data.kind: folder2d"]
+    assert [r.split("***")[1] for r in kind_rows] == ["data.kind: cityscapes", "data.kind: nifti", "data.kind: folder2d", "data.kind: dicom"]
     rows = {line.split("|")[1].strip().strip("`"): line for line in lines[2:] if line not in kind_rows}
     assert set(rows) == leaves
     for key, line in rows.items():
