@@ -90,6 +90,8 @@ def _add_predict(sub: Subparsers) -> None:
     p.add_argument("--series", default=None, metavar="UID", help="DICOM: the SeriesInstanceUID to read where an --input folder holds several image series (they are listed when it is missing)")
     p.add_argument("--output-format", choices=["nifti", "dicom-seg", "both"], default=None,
                    help="DICOM inputs: NIfTI label, DICOM-SEG referencing the series (OUT/<name>.seg.dcm), or both (default for DICOM; NIfTI inputs: nifti)")  # fmt: skip
+    p.add_argument("--seg-type", choices=["BINARY", "LABELMAP"], default="BINARY",
+                   help="DICOM-SEG segmentation type: BINARY (one bit plane per segment and slice; read by every viewer) or LABELMAP (one frame per slice holding segment numbers; DICOM 2024 and later)")  # fmt: skip
     p.add_argument("--resample", action="store_true", help="DICOM: interpolate a tilted, gappy or unevenly spaced series onto a regular grid instead of refusing it (NIfTI output only)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides, e.g. automatic.threshold=0.6 eval.batch_size=4 data.channel=1")
 
@@ -265,7 +267,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     folder = api.checkpoint_folder(args.checkpoint)
     recipe = load_recipe(args.recipe or folder / "recipe.yaml", args.overrides)
     loaded = api.load_model(folder, recipe, device=args.device)
-    predict(loaded, args.input, args.out, args.prompts, series=args.series, output_format=args.output_format, resample=args.resample)
+    predict(loaded, args.input, args.out, args.prompts, series=args.series, output_format=args.output_format, resample=args.resample,
+            seg_type=args.seg_type)
     return 0
 
 

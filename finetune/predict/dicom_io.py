@@ -78,7 +78,8 @@ def check_output_format(output_format: str | None, dicom: list[DicomInput], othe
     return output_format
 
 
-def predict_dicom(predictor, source_of, predict_volume, d: DicomInput, out: Path, prompts, output_format: str, resample: bool) -> dict:
+def predict_dicom(predictor, source_of, predict_volume, d: DicomInput, out: Path, output_format: str, resample: bool,
+                  seg_type: str = "BINARY") -> dict:  # fmt: skip
     """Read the series, predict it as a volume (``predict_volume(source, path, input_label)``, with
     ``source_of(path)`` opening the temporary NIfTI), and write the outputs ``output_format`` asks for."""
     import nibabel as nib
@@ -98,7 +99,7 @@ def predict_dicom(predictor, source_of, predict_volume, d: DicomInput, out: Path
         shutil.rmtree(tmp, ignore_errors=True)
     label_path = out / f"{d.name}.nii.gz"
     if output_format != "nifti":
-        record["dicom_seg"] = str(write_prediction_seg(predictor, volume, label_path, out / f"{d.name}{SEG_SUFFIX}"))
+        record["dicom_seg"] = str(write_prediction_seg(predictor, volume, label_path, out / f"{d.name}{SEG_SUFFIX}", seg_type))
         record["summary"] += f" and {record['dicom_seg']}"
     if output_format == "dicom-seg":
         for suffix in NIFTI_ONLY:
@@ -106,7 +107,7 @@ def predict_dicom(predictor, source_of, predict_volume, d: DicomInput, out: Path
     return record
 
 
-def write_prediction_seg(predictor, volume, label_path: Path, target: Path) -> Path:
+def write_prediction_seg(predictor, volume, label_path: Path, target: Path, seg_type: str = "BINARY") -> Path:
     """The predicted label (read back from its NIfTI, which is on the series' grid in the same
     voxel order) as a DICOM-SEG: one segment per class, the checkpoint's codes, samtune named as
     the algorithm."""
@@ -120,4 +121,5 @@ def write_prediction_seg(predictor, volume, label_path: Path, target: Path) -> P
     checkpoint = Path(predictor.loaded.checkpoint)
     model = predictor.loaded.recipe.model.name
     return write_seg(label, volume.sources, predictor.classes, target, algorithm_version=__version__,
-                     checkpoint=str(checkpoint), series_description=f"samtune {model} {checkpoint.name}")  # fmt: skip
+                     checkpoint=str(checkpoint), series_description=f"samtune {model} {checkpoint.name}",
+                     segmentation_type=seg_type)  # fmt: skip

@@ -124,12 +124,12 @@ def _check_pixel(prompt: Prompt, shape: tuple[int, int], name: str) -> None:
 
 def predict(
     loaded, inputs: list[str], out: str | Path, prompts_file: str | Path | None = None, *, batch_size: int | None = None, quiet: bool = False,
-    series: str | None = None, output_format: str | None = None, resample: bool = False,
+    series: str | None = None, output_format: str | None = None, resample: bool = False, seg_type: str = "BINARY",
 ) -> list[dict]:
     """Predict every input; returns one summary record per input (also printed). Volume models
     also take DICOM series folders (``series``: the SeriesInstanceUID to read where a folder holds
     several; ``output_format``: nifti / dicom-seg / both; ``resample``: interpolate irregular
-    series; ``samtune.finetune.predict.dicom_io``)."""
+    series; ``seg_type``: BINARY or LABELMAP DICOM-SEG; ``samtune.finetune.predict.dicom_io``)."""
     recipe = loaded.recipe
     predictor = Predictor(loaded, batch_size or recipe.eval.batch_size, recipe.automatic.threshold)
     prompts = load_prompts(prompts_file, predictor.space.names) if prompts_file else None
@@ -173,7 +173,7 @@ def predict(
             return _predict_volume(predictor, source, path, out, prompts, input_label=label)
 
         for d in dicom:
-            records.append(predict_dicom(predictor, lambda path: open_images(section, [path]), predict_volume, d, out, prompts, output_format, resample))
+            records.append(predict_dicom(predictor, lambda path: open_images(section, [path]), predict_volume, d, out, output_format, resample, seg_type))
     else:
         for index in range(len(source)):
             records.append(_predict_image(predictor, source, index, out, prompts))

@@ -221,6 +221,16 @@ def test_dicom_outputs_series_choice_and_refusals(ct_run, dicom_patient, tmp_pat
     out = tmp_path / "seg_only"
     assert main(["-q", "predict", "--checkpoint", str(ct_run), "--input", str(folder), "--out", str(out), "--output-format", "dicom-seg"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["patient_7.json", "patient_7.seg.dcm"]
+    labelmap = tmp_path / "labelmap"
+    assert main(["-q", "predict", "--checkpoint", str(ct_run), "--input", str(folder), "--out", str(labelmap), "--output-format", "dicom-seg", "--seg-type", "LABELMAP"]) == 0
+    import pydicom
+
+    from samtune.datasets.dicom_seg import read_seg
+    from samtune.datasets.dicom_series import choose_series, find_series, read_series
+
+    assert pydicom.dcmread(labelmap / "patient_7.seg.dcm").SegmentationType == "LABELMAP"
+    sources = read_series(choose_series(find_series(folder)[0])).sources
+    assert np.array_equal(read_seg(labelmap / "patient_7.seg.dcm", sources)[0], read_seg(out / "patient_7.seg.dcm", sources)[0])
     # a second series in the folder: the choice is the user's, and the message lists both
     two = tmp_path / "two"
     import shutil
