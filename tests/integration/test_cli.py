@@ -315,10 +315,10 @@ def test_bf16_autocast_and_corrective_rounds_run(tmp_path):
 
 
 def test_every_command_has_a_handler_and_help_needs_no_torch():
-    from samtune.finetune import cli
+    from samtune.finetune import cli, commands
 
     names = cli.command_names()
-    assert names == list(cli._COMMANDS) and names[0] == "train" and names[-1] == "recipe-keys"
+    assert names == list(commands.COMMANDS) and names[0] == "train" and names[-1] == "recipe-keys"
     for command in names:
         with pytest.raises(SystemExit) as exc:
             main([command, "--help"])
