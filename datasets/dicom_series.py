@@ -147,13 +147,16 @@ def _is_image(ds) -> bool:
 
 
 def find_series(root) -> tuple[list[SeriesInfo], Skipped]:
-    """Every image series under ``root`` (all files, any name, recursively), sorted by series number
+    """Every image series under ``root`` (all files, any name, recursively; hidden ones left out), sorted by series number
     then UID, and what was skipped: files that are not DICOM, and non-image objects (SEG, RTSTRUCT,
     SR, ...) with the series they refer to."""
     root = Path(root)
     if not root.exists():
         raise SamtuneError(f"{root}: no such folder; give the folder the DICOM series were exported to.")
-    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    # hidden files and folders are no export's content: samtune's own caches (.samtune_cache), macOS
+    # forks (._*), version control; reading them as DICOM would only cost time and fill the log
+    paths = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     groups: dict[str, list] = {}
     skipped = Skipped()
     for path in paths:

@@ -169,6 +169,10 @@ def test_non_dicom_files_are_skipped_and_reported(tmp_path):
     (tmp_path / "README.txt").write_text("exported by PACS")
     (tmp_path / "scan" / "empty").write_bytes(b"")
     (tmp_path / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0\0\0UL\4\0\0\0\0\0")  # a preamble, no series
+    import shutil
+
+    shutil.copytree(tmp_path / "scan", tmp_path / ".samtune_cache" / "copy")  # a hidden folder (samtune's cache): not read
+    (tmp_path / "scan" / "._IM0001").write_bytes(b"\0" * 10)  # a macOS fork
     found, skipped = find_series(tmp_path)
     assert len(found) == 1 and found[0].n_instances == SHAPE[0]
     reasons = {p.name: why for p, why in skipped.not_dicom}
