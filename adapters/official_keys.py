@@ -154,6 +154,10 @@ def hf_to_official_state_dict(hf_sd) -> dict:
             f"has one matrix for both. Re-tie them (model.tie_weights()) before exporting."
         )
     for key, value in hf_sd.items():
+        if key.startswith("class_prompts."):  # automatic mode's learnt prompts (family.CLASS_PROMPTS): no official slot
+            warnings.warn(f"{key}: the automatic mode's class prompts have no place in the official layout; "
+                          "the exported file is the promptable model", stacklevel=2)
+            continue
         if key in _PE_HF_KEYS:
             out[_PE_KEY] = value
         elif m := re.fullmatch(_MLP_HEADS + r"(?P<part>proj_in|proj_out|layers\.\d+)\.(?P<wb>weight|bias)", key):

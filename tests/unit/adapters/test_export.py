@@ -97,6 +97,18 @@ def test_sam_pth_export_loads_into_the_official_model(tuned, inputs, tmp_path):
     assert load_state_dict_file(path).keys() == state.keys()
 
 
+def test_sam_pth_export_of_an_automatic_model_keeps_the_promptable_part_and_says_so(tmp_path):
+    """The official layout has no slot for the learnt class prompts (task: automatic/both): the
+    export writes the promptable model and warns; nothing else is dropped."""
+    model = build_sam("tiny", image_size=SIZE)
+    get_family("sam").add_class_prompts(model, 3, 2, seed=0)
+    plain = tmp_path / "plain.pth"
+    export_model(build_sam("tiny", image_size=SIZE), "sam-pth", plain)
+    with pytest.warns(UserWarning, match="class prompts have no place in the official layout"):
+        export_model(model, "sam-pth", tmp_path / "auto.pth")
+    assert load_state_dict_file(tmp_path / "auto.pth").keys() == load_state_dict_file(plain).keys()
+
+
 def test_sam_pth_needs_a_pth_name(tuned, tmp_path):
     with pytest.raises(SamtuneError, match=r"\.pth"):
         export_model(tuned, "sam-pth", tmp_path / "folder")
