@@ -77,11 +77,6 @@ class LoopState:
             self.stopped_early = {"step": step, "patience": patience, "best_step": self.best["step"]}
         return Decision(best=best, below_baseline=below, stop=stop)
 
-    @property
-    def last_step(self) -> int:
-        """The step of the last evaluation (the run's result), else ``step``."""
-        return self.history[-1]["step"] if self.history else self.step
-
     def state_dict(self) -> dict:
         """The ``loop`` entry of a training state's ``state.json`` (``step`` is stored beside it)."""
         return {
