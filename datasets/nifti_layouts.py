@@ -8,6 +8,9 @@ Segmentation Decathlon tasks and plain ``images/`` + ``labels/`` folders (``disc
 - plain folders: ``images/`` (or ``imagesTr/``) and ``labels/`` (or ``labelsTr/``), matched by
   case name; class names from ``data.class_names`` or ``class_<k>`` for each label value found.
 
+An image without its label (nnU-Net v2 and plain folders) is an image still to be labelled, as in a
+``samtune serve`` studies folder: it is left out of training with a note, not refused.
+
 Bad files raise, or with ``data.on_bad_case: skip`` are recorded; suspicious layouts are warned about.
 """
 
@@ -144,9 +147,11 @@ def _nnunet(root: Path, meta: dict, channel: int, ds: NiftiDataset, on_bad: str)
         first = root / "imagesTr" / f"{name}_0000{ending}"
         if channel > 0 and not image.is_file() and first.is_file() and _channels_in_file(first) > 1:
             image, index = first, channel  # all channels in one 4D file: data.channel indexes its 4th axis
-        problem = next((p for p in (image, label) if not p.is_file()), None)
-        if problem is not None:
-            handle_bad(BadCase(name, problem, "the file is missing", "every image needs its label file (and each channel file)"), on_bad, ds.skipped)
+        if image.is_file() and not label.is_file():
+            ds.notes.append(f"{image}: left out (no label {label.relative_to(root)} yet: an image still to be labelled)")
+            continue
+        if not image.is_file():
+            handle_bad(BadCase(name, image, "the file is missing", "every case needs each channel file"), on_bad, ds.skipped)
             continue
         ds.cases.append(Case(name, image, label, index))
     if (root / "labelsTr").is_dir():
@@ -195,8 +200,8 @@ def _folders(root: Path, image_dir: Path, label_dir: Path, channel: int, ds: Nif
             if int(m.group(2)) != channel:
                 continue
             name, index = m.group(1), 0
-        else:
-            handle_bad(BadCase(stem, path, f"no label file {label_dir.name}/{stem}.nii.gz for this image", "add the label or move the image out"), on_bad, ds.skipped)
+        else:  # an image still to be labelled (e.g. in a `samtune serve` studies folder): not a training case
+            ds.notes.append(f"{path}: left out (no label {label_dir.name}/{stem}.nii.gz yet: an image still to be labelled)")
             continue
         used.add(name)
         ds.cases.append(Case(name, path, label_by_name[name], index))

@@ -68,6 +68,9 @@ def open_split(recipe: Recipe, *, on_bad_case: str | None = None, progress: bool
             raise SamtuneError(f"data.root={data.root!r}: no such folder (resolved to {root.resolve()}). Point data.root at your dataset{demo}.")
         ensure_demo_data(recipe, root)
     split = get_format(data.kind).open(data, seed=recipe.seed, on_bad_case=on_bad_case or data.on_bad_case, progress=progress)
+    unlabelled = [n for n in split.notes if "still to be labelled" in n]
+    if unlabelled:
+        log.info("data.root %s: %d image(s) without a label left out (e.g. %s)", root, len(unlabelled), unlabelled[0])
     for side, src in (("training", split.train), ("validation", split.val)):
         if require_both and len(src) == 0:
             why = f" ({len(split.skipped)} bad cases were skipped)" if split.skipped else ""

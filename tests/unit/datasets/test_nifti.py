@@ -81,12 +81,22 @@ def test_invalid_dataset_json_names_the_file(tmp_path):
         read_dataset(tmp_path)
 
 
-def test_missing_label_file_names_the_file(phantom):
+def test_image_without_label_is_left_out_with_a_note(phantom):
+    """An image still to be labelled (a `samtune serve` studies folder) is no training case and no error."""
     label = phantom / "labelsTr" / "phantom_001.nii.gz"
     label.unlink()
+    ds = discover_dataset(phantom)
+    assert "phantom_001" not in [c.name for c in ds.cases] and ds.cases
+    assert any("phantom_001_0000.nii.gz" in n and "left out" in n and "labelsTr/phantom_001.nii.gz" in n for n in ds.notes)
+    assert not ds.skipped
+
+
+def test_missing_channel_file_names_the_file(phantom):
+    image = phantom / "imagesTr" / "phantom_001_0000.nii.gz"
+    image.rename(phantom / "imagesTr" / "phantom_001_0001.nii.gz")
     with pytest.raises(SamtuneError) as info:
         read_dataset(phantom)
-    assert str(label) in str(info.value)
+    assert str(image) in str(info.value)
 
 
 def test_msd_missing_label_file_names_the_file(tmp_path):
