@@ -75,6 +75,34 @@ class ClassPrompts(torch.nn.Module):
 CLASS_PROMPTS = "class_prompts"  # the base model's attribute holding ClassPrompts (automatic mode)
 
 
+def sparse_with_class_tokens(prompt_encoder, class_tokens: torch.Tensor, n: int, boxes=None, points=None, point_labels=None) -> torch.Tensor:
+    """N×1×(P+T)×C sparse prompt: the clicks' (and box's) embeddings from SAM's / SAM 2's prompt
+    encoder, then the class prompt's T tokens (``class_tokens`` N×T×C or T×C).
+
+    The class prompt takes a box's place, as in ``decode_classes``: clicks given with a box carry
+    no padding token, so the not-a-point token the prompt encoder appends to clicks without a box
+    is dropped (both encoders append it last)."""
+    has_points = points is not None and points.shape[1] > 0
+    tokens = class_tokens if class_tokens.dim() == 3 else class_tokens[None]
+    if not has_points and boxes is None:
+        return tokens.expand(n, -1, -1)[:, None]
+    sparse, _ = prompt_encoder(
+        input_points=points[:, None] if has_points else None, input_labels=point_labels[:, None] if has_points else None,
+        input_boxes=boxes[:, None] if boxes is not None else None, input_masks=None,
+    )  # fmt: skip
+    if boxes is None:
+        sparse = sparse[:, :, :-1]
+    return torch.cat([sparse, tokens.to(sparse.dtype).expand(n, -1, -1)[:, None]], dim=2)
+
+
+def dense_prompt(prompt_encoder, mask_inputs: torch.Tensor | None, n: int, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """N×C×g×g dense prompt: the embedded mask prompt (N×1×s×s low-res logits), else the
+    ``no_mask_embed`` vector at every position (what the prompt encoders do)."""
+    if mask_inputs is not None:
+        return prompt_encoder.mask_embed(mask_inputs)
+    return prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *grid_hw)
+
+
 class ModelFamily(ABC):
     """The interface (abstract methods: what a new family must implement); ``SamFamily``
     (adapters/sam.py) is the first implementation.
@@ -134,10 +162,16 @@ class ModelFamily(ABC):
         point_labels: torch.Tensor | None = None,
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
+        class_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One prompt per embedding row: ``boxes`` N×4 xyxy, ``points`` N×K×2 (x, y) with
         ``point_labels`` N×K (1, 0, -1 padding), ``mask_inputs`` N×1×s×s low-res logits;
-        coordinates in input px. Returns N×M×s×s low-res logits and N×M predicted IoU."""
+        coordinates in input px. Returns N×M×s×s low-res logits and N×M predicted IoU.
+
+        ``class_tokens`` (N×T×C, or T×C for every row): a class prompt (one class of the model's
+        ``ClassPrompts``) in the same sparse prompt as the clicks, where a box's corners would be
+        (``sparse_with_class_tokens``): corrections that start from the automatic result. With no
+        click, box or mask prompt it decodes exactly as ``decode_classes`` does for that class."""
         ...
 
     @abstractmethod

@@ -20,7 +20,7 @@ import torch
 from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
 from samtune.adapters.catalog import ModelVariant, register_family, register_model
-from samtune.adapters.family import ImageEmbeddings, ModelFamily
+from samtune.adapters.family import ImageEmbeddings, ModelFamily, dense_prompt, sparse_with_class_tokens
 from samtune.errors import SamtuneError
 
 _DECODER_ATTENTION = (
@@ -96,7 +96,14 @@ class SamFamily(ModelFamily):
     def encode_images(self, model, pixel_values: torch.Tensor) -> ImageEmbeddings:
         return ImageEmbeddings(model.vision_encoder(pixel_values)[0])
 
-    def decode_prompts(self, model, embeddings, boxes=None, points=None, point_labels=None, mask_inputs=None, multimask_output=False):
+    def decode_prompts(self, model, embeddings, boxes=None, points=None, point_labels=None, mask_inputs=None, multimask_output=False,
+                       class_tokens=None):  # fmt: skip
+        if class_tokens is not None:  # a class prompt with clicks: sparse prompt built here, then the decoder
+            image = embeddings.image_embeddings
+            sparse = sparse_with_class_tokens(model.prompt_encoder, class_tokens, len(image), boxes, points, point_labels)
+            dense = dense_prompt(model.prompt_encoder, mask_inputs, len(image), image.shape[-2:])
+            low_res, iou = self._decode(model, image, sparse.to(image.dtype), dense, multimask_output)
+            return low_res[:, 0], iou[:, 0]
         has_points = points is not None and points.shape[1] > 0
         out = model(
             image_embeddings=embeddings.image_embeddings,
@@ -115,15 +122,20 @@ class SamFamily(ModelFamily):
         # The decoder's "point batch" axis carries the classes: one image embedding, K prompts,
         # as SamModel.forward would run K boxes on one image; no mask prompt (no_mask_embed).
         image = embeddings.image_embeddings
-        batch, _, height, width = image.shape
+        batch = image.shape[0]
         sparse = class_tokens.to(image.dtype)[None].expand(batch, -1, -1, -1)  # B×K×T×C
-        dense = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, height, width)
-        positions = model.get_image_wide_positional_embeddings().repeat(batch, 1, 1, 1)
-        low_res, _ = model.mask_decoder(
+        dense = dense_prompt(model.prompt_encoder, None, batch, image.shape[-2:])
+        return self._decode(model, image, sparse, dense, False)[0][:, :, 0]  # B×K×s×s
+
+    @staticmethod
+    def _decode(model, image, sparse, dense, multimask_output):
+        """B×C×g×g embeddings, B×P×T×C sparse and B×C×g×g dense prompts -> B×P×M×s×s, B×P×M."""
+        positions = model.get_image_wide_positional_embeddings().repeat(image.shape[0], 1, 1, 1)
+        low_res, iou = model.mask_decoder(
             image_embeddings=image, image_positional_embeddings=positions,
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask_output,
         )  # fmt: skip
-        return low_res[:, :, 0]  # B×K×s×s
+        return low_res, iou
 
 
 def _sam_config(model) -> SamConfig:

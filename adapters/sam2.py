@@ -73,7 +73,7 @@ from transformers import Sam2Config, Sam2Model
 
 from samtune.adapters.checkpoint_files import CheckpointError
 from samtune.adapters.catalog import ModelVariant, register_family, register_model
-from samtune.adapters.family import ImageEmbeddings, ModelFamily
+from samtune.adapters.family import ImageEmbeddings, ModelFamily, dense_prompt, sparse_with_class_tokens
 from samtune.adapters.sam2_checkpoints import load_official_sam2
 from samtune.adapters.sam2_config import (
     HIERA,
@@ -224,7 +224,14 @@ class Sam2Family(ModelFamily):
         image = fpn[2] + model.no_memory_embedding.reshape(1, -1, 1, 1)
         return ImageEmbeddings(image, (decoder.conv_s0(fpn[0]), decoder.conv_s1(fpn[1])))
 
-    def decode_prompts(self, model, embeddings, boxes=None, points=None, point_labels=None, mask_inputs=None, multimask_output=False):
+    def decode_prompts(self, model, embeddings, boxes=None, points=None, point_labels=None, mask_inputs=None, multimask_output=False,
+                       class_tokens=None):  # fmt: skip
+        if class_tokens is not None:  # a class prompt with clicks: sparse prompt built here, then the decoder
+            image = embeddings.image_embeddings
+            sparse = sparse_with_class_tokens(model.prompt_encoder, class_tokens, len(image), boxes, points, point_labels)
+            dense = dense_prompt(model.prompt_encoder, mask_inputs, len(image), image.shape[-2:])
+            low_res, iou = self._decode(model, embeddings, sparse.to(image.dtype), dense, multimask_output)
+            return low_res[:, 0], iou[:, 0]
         has_points = points is not None and points.shape[1] > 0
         out = model(
             image_embeddings=[*embeddings.high_res_features, embeddings.image_embeddings],
@@ -243,15 +250,21 @@ class Sam2Family(ModelFamily):
         # As SamFamily: the decoder's point-batch axis carries the K classes of each image, the
         # class tokens sit where a box's corner embeddings would; no mask prompt (no_mask_embed).
         image = embeddings.image_embeddings
-        batch, _, height, width = image.shape
+        batch = image.shape[0]
         sparse = class_tokens.to(image.dtype)[None].expand(batch, -1, -1, -1)  # B×K×T×C
-        dense = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, height, width)
-        positions = model.get_image_wide_positional_embeddings().repeat(batch, 1, 1, 1)
-        low_res = model.mask_decoder(
+        dense = dense_prompt(model.prompt_encoder, None, batch, image.shape[-2:])
+        return self._decode(model, embeddings, sparse, dense, False)[0][:, :, 0]  # B×K×s×s
+
+    @staticmethod
+    def _decode(model, embeddings, sparse, dense, multimask_output):
+        """B×P×T×C sparse and B×C×g×g dense prompts on ``embeddings`` -> B×P×M×s×s, B×P×M."""
+        image = embeddings.image_embeddings
+        positions = model.get_image_wide_positional_embeddings().repeat(image.shape[0], 1, 1, 1)
+        low_res, iou = model.mask_decoder(
             image_embeddings=image, image_positional_embeddings=positions, sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense, multimask_output=False, high_resolution_features=list(embeddings.high_res_features),
-        )[0]  # fmt: skip
-        return low_res[:, :, 0]  # B×K×s×s
+            dense_prompt_embeddings=dense, multimask_output=multimask_output, high_resolution_features=list(embeddings.high_res_features),
+        )[:2]  # fmt: skip
+        return low_res, iou
 
     def export(self, model, fmt: str, out) -> list:
         from samtune.adapters.export import export_hf, merge_model

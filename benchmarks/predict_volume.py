@@ -23,15 +23,26 @@ tests/conftest.py ``_make_run`` builds it): the recipe's base model (``build_bas
 prompts + LoRA (``prepare_trainable``), written by ``save_checkpoint`` with recipe.yaml and
 classes.json. Time depends on shapes, not values: random weights cost what trained ones do.
 
-Goals of issue 20 (for later work; this script only measures): MobileSAM ≤ 60 s, ViT-B ≤ 240 s,
-peak ≤ 4 GB for the 512×512×300 CT on the CPU.
+Each model runs once per ``--precisions`` value (``samtune predict --precision``; default ``auto``,
+the default of ``samtune predict``: fp32 on a CPU without native bfloat16); every precision after
+the first also gets the per-class Dice of its labels against the first's (``--precisions fp32 int8
+bf16``: what int8 and bf16 change). ``--air-slices N`` makes N slices at each end air only (one
+value after windowing: ``samtune predict`` runs the model once for all of them); ``--input`` predicts
+a given scan instead (e.g. a demo phantom case, where the demo checkpoint is trained).
+
+Goals of issue 20: MobileSAM ≤ 60 s, ViT-B ≤ 240 s, peak ≤ 4 GB for the 512×512×300 CT on the CPU
+(figures and levers: docs/howto/predict.md, "A whole CT on the CPU").
 
     .venv/bin/python benchmarks/predict_volume.py --slices 8 --size 128              # quick check
     .venv/bin/python benchmarks/predict_volume.py --models mobile_sam                 # 512×512×300, MobileSAM
+    .venv/bin/python benchmarks/predict_volume.py --models demo mobile_sam --precisions auto int8
+    .venv/bin/python benchmarks/predict_volume.py --models demo --precisions fp32 int8 bf16 \
+        --input demo_data/Dataset900_CTPhantom/imagesTr/phantom_000_0000.nii.gz      # Dice on the demo phantom
     .venv/bin/python benchmarks/predict_volume.py                                      # all three rows
     python benchmarks/predict_volume.py --device cuda                                  # on a GPU
 
-Last line: ``RESULT mobile_sam_<px>_s=<s> vit_b_<px>_s=<s> demo_s=<s> <row>_peak_gib=<GiB> ...``
+Last line: ``RESULT mobile_sam_<px>_s=<s> vit_b_<px>_s=<s> demo_s=<s> <row>_peak_gib=<GiB>
+<row>_<precision>_s=<s> <row>_<precision>_dice_min=<lowest class Dice vs the first precision> ...``
 (rows not run or skipped are left out).
 """
 
@@ -56,6 +67,7 @@ warnings.filterwarnings("ignore", message="Could not find a config file")  # pef
 import numpy as np
 
 MODELS = ("demo", "mobile_sam", "vit_b")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # samtune predict --precision
 VARIANTS = {"mobile_sam": "mobile-sam", "vit_b": "sam-vit-base"}
 CLASSES = ["liver", "spleen", "kidney_right", "kidney_left"]
 TOKENS = 2  # automatic.tokens default
@@ -100,9 +112,10 @@ def cpu_description() -> tuple[str, dict[str, bool]]:
 
 
 # ------------------------------------------------------------------ input
-def write_ct(path: Path, size: int, slices: int, seed: int = 0) -> None:
+def write_ct(path: Path, size: int, slices: int, seed: int = 0, air_slices: int = 0) -> None:
     """A size×size×slices int16 CT in HU: air, a body ellipse of soft tissue with noise, a spine and
-    four organ ellipsoids whose extent varies along z."""
+    four organ ellipsoids whose extent varies along z; ``air_slices`` of them at each end hold air
+    only (-1000 HU with noise: a scan that starts above and ends below the body)."""
     import nibabel as nib
 
     rng = np.random.default_rng(seed)
@@ -118,6 +131,8 @@ def write_ct(path: Path, size: int, slices: int, seed: int = 0) -> None:
         for i, (cx, cy, rx, ry, value) in enumerate(organs):
             scale = 0.6 + 0.4 * np.sin(np.pi * (0.2 + 0.6 * t + 0.1 * (i + 1)))
             hu[((x - cx) / (rx * scale)) ** 2 + ((y - cy) / (ry * scale)) ** 2 < 1] = value
+        if z < air_slices or z >= slices - air_slices:
+            hu = np.full_like(hu, -1000.0)
         hu += rng.normal(0.0, 20.0, hu.shape).astype(np.float32)
         data[:, :, z] = np.clip(hu, -1024, 3071).astype(np.int16).T  # NIfTI: i along x (columns)
     affine = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])  # LPS-like radiological layout, as scanners write
@@ -202,9 +217,10 @@ def samtune_command() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "samtune"]
 
 
-def run_predict(checkpoint: Path, ct: Path, out: Path, device: str, env: dict, log: Path) -> dict:
+def run_predict(checkpoint: Path, ct: Path, out: Path, device: str, env: dict, log: Path, precision: str) -> dict:
     """One ``samtune predict`` in a process of its own: wall seconds, peak RSS, return code."""
-    command = [*samtune_command(), "predict", "--checkpoint", str(checkpoint), "--input", str(ct), "--out", str(out), "--device", device]
+    command = [*samtune_command(), "predict", "--checkpoint", str(checkpoint), "--input", str(ct), "--out", str(out), "--device", device,
+               "--precision", precision]
     with open(log, "w") as handle:
         done = subprocess.run([sys.executable, "-c", WRAPPER, *command], stdout=handle, stderr=subprocess.PIPE, text=True, env=env)
     lines = done.stderr.strip().splitlines()
@@ -215,23 +231,50 @@ def run_predict(checkpoint: Path, ct: Path, out: Path, device: str, env: dict, l
     return result
 
 
-def check_output(out: Path, shape: tuple[int, ...]) -> str:
-    """'' if OUT/ct.nii.gz has the scan's shape, else what is wrong."""
+def check_output(label: Path, shape: tuple[int, ...]) -> str:
+    """'' if the label file has the scan's shape, else what is wrong."""
     import nibabel as nib
 
-    label = out / "ct.nii.gz"
     if not label.is_file():
         return f"no {label}"
     got = nib.load(str(label)).shape
     return "" if tuple(got) == tuple(shape) else f"label shape {got} != CT {shape}"
 
 
+def dice_per_class(label: Path, reference: Path) -> dict[str, float]:
+    """Dice of each class between two label files, by the class names of the label's JSON summary
+    (1.0 where both lack the class)."""
+    import nibabel as nib
+
+    a, b = np.asarray(nib.load(str(label)).dataobj), np.asarray(nib.load(str(reference)).dataobj)
+    classes = json.loads(label.with_name(label.name[: -len(".nii.gz")] + ".json").read_text())["classes"]  # {"1": "liver", ...}
+    out = {}
+    for value, name in classes.items():
+        x, y = a == int(value), b == int(value)
+        total = int(x.sum()) + int(y.sum())
+        out[name] = 1.0 if total == 0 else 2.0 * int((x & y).sum()) / total
+    return out
+
+
+def uniform_slices(ct: Path) -> int:
+    """Slices that hold no HU above the window's low end: windowed to 0 everywhere, one model input for all."""
+    import nibabel as nib
+
+    data = np.asarray(nib.load(str(ct)).dataobj)
+    return int((data.reshape(-1, data.shape[-1]) <= WINDOW_HU[0]).all(0).sum())
+
+
 # ------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="rows to run (default: all three)")
+    parser.add_argument("--precisions", nargs="+", default=["auto"], choices=PRECISIONS,
+                        help="samtune predict --precision of each row (default: auto, the default); every later one also gets "
+                        "its per-class Dice against the first's labels")  # fmt: skip
     parser.add_argument("--slices", type=int, default=300, help="slices of the generated CT (default 300)")
+    parser.add_argument("--air-slices", type=int, default=0, help="slices of air only at each end of the generated CT (default 0)")
     parser.add_argument("--size", type=int, default=512, help="in-plane size of the generated CT, px (default 512)")
+    parser.add_argument("--input", help="a NIfTI scan to predict instead of the generated CT (e.g. a demo phantom case); --slices/--size ignored")
     parser.add_argument("--image-size", type=int, help="model input size of mobile_sam and vit_b (default: --size); demo stays at its 128")
     parser.add_argument("--demo-checkpoint", default="runs/demo", help="run or checkpoint folder of `samtune train recipes/demo.yaml` (default runs/demo)")
     parser.add_argument("--threads", type=int, help="torch threads of each predict (OMP_NUM_THREADS; default: torch's, one per core)")
@@ -240,6 +283,7 @@ def main() -> None:
     args = parser.parse_args()
     image_size = args.image_size or args.size
 
+    import nibabel as nib
     import torch
 
     if args.threads:
@@ -250,19 +294,25 @@ def main() -> None:
     name, flags = cpu_description()
     print(f"CPU: {name}; {os.cpu_count()} cores; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()))
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else args.device
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; device {where}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; device {where}; load average {load_average()}")
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="predict_volume_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        ct_folder = work / f"ct_{args.size}x{args.size}x{args.slices}"
-        ct_folder.mkdir(exist_ok=True)
-        ct = ct_folder / "ct.nii.gz"
         started = time.perf_counter()
-        if not ct.is_file():
-            write_ct(ct, args.size, args.slices)
-        print(f"input: {ct} ({args.size}×{args.size}×{args.slices} int16, {'×'.join(map(str, SPACING))} mm, "
-              f"{ct.stat().st_size / 2**20:.0f} MiB gz; ready in {time.perf_counter() - started:.1f} s)")  # fmt: skip
+        if args.input:
+            ct = Path(args.input).resolve()
+            ct_folder = ct.parent
+        else:
+            ct_folder = work / (f"ct_{args.size}x{args.size}x{args.slices}" + (f"_air{args.air_slices}" if args.air_slices else ""))
+            ct_folder.mkdir(exist_ok=True)
+            ct = ct_folder / "ct.nii.gz"
+            if not ct.is_file():
+                write_ct(ct, args.size, args.slices, air_slices=args.air_slices)
+        shape = nib.load(str(ct)).shape[:3]
+        depth = shape[2]
+        print(f"input: {ct} ({'×'.join(map(str, shape))}, {ct.stat().st_size / 2**20:.0f} MiB; {uniform_slices(ct)} slices of air only; "
+              f"ready in {time.perf_counter() - started:.1f} s)")  # fmt: skip
 
         checkpoints, notes = {}, {}
         for key in args.models:
@@ -277,40 +327,58 @@ def main() -> None:
                 checkpoints[key] = make_checkpoint(key, image_size, work / "checkpoints", ct_folder)
                 print(f"checkpoint {key}: {checkpoints[key]} (built in {time.perf_counter() - started:.1f} s)")
 
+        full = depth == 300 and shape[0] == 512 and not args.input
         print(f"\none `samtune predict` (automatic) per row, in its own process, one at a time; s = wall incl. start and imports; "
               f"CPU s = its user + system CPU time (wall/CPU s show contention); peak = max RSS of that process; goals (issue 20, 512×512×300 CPU): mobile_sam ≤ {GOALS['mobile_sam']:.0f} s, "
-              f"vit_b ≤ {GOALS['vit_b']:.0f} s, peak ≤ {GOAL_PEAK_GB:g} GB")  # fmt: skip
-        print(f"{'model':<11} {'variant':<16} {'px':>5} {'slices':>6} {'s total':>8} {'s/slice':>8} {'CPU s':>8} {'peak GiB':>9}  note")
+              f"vit_b ≤ {GOALS['vit_b']:.0f} s, peak ≤ {GOAL_PEAK_GB:g} GB; Dice: per class against the labels of the row's first precision ({args.precisions[0]})")  # fmt: skip
+        print(f"{'model':<11} {'variant':<16} {'px':>5} {'precision':>9} {'slices':>6} {'s total':>8} {'s/slice':>8} {'CPU s':>8} {'peak GiB':>9} {'load':>5}  note")
         results, failed = [], False
         for key in args.models:
             variant = "tiny-pretrained" if key == "demo" else VARIANTS[key]
             px = 128 if key == "demo" else image_size
             if key not in checkpoints:
-                print(f"{key:<11} {variant:<16} {px:>5} {args.slices:>6} {'-':>8} {'-':>8} {'-':>8} {'-':>9}  {notes[key]}")
+                print(f"{key:<11} {variant:<16} {px:>5} {'-':>9} {depth:>6} {'-':>8} {'-':>8} {'-':>8} {'-':>9} {'-':>5}  {notes[key]}")
                 continue
-            out = work / "predictions" / key
-            shutil.rmtree(out, ignore_errors=True)
-            log = work / f"predict_{key}.log"
-            r = run_predict(checkpoints[key], ct, out, args.device, env, log)
-            problem = f"failed (rc {r['rc']}): see {log}" if r["rc"] else check_output(out, (args.size, args.size, args.slices))
-            failed |= bool(problem)
-            if problem and r["rc"]:
-                tail = log.read_text().strip().splitlines()[-15:]
-                print("\n".join("    " + line for line in tail), file=sys.stderr)
-            peak = r["maxrss_kib"] * 1024 / 2**30
-            goal = GOALS.get(key)
-            note = problem or (f"goal {goal:.0f} s {'met' if r['wall'] <= goal else 'missed'}" if goal and args.size == 512 and args.slices == 300 else "")
-            print(f"{key:<11} {variant:<16} {px:>5} {args.slices:>6} {r['wall']:>8.1f} {r['wall'] / args.slices:>8.3f} {r['cpu']:>8.1f} {peak:>9.2f}  {note}")
-            print(f"    $ {r['command']}")
-            if not problem:
-                tag = "demo" if key == "demo" else f"{key}_{px}"
-                results.append((f"{tag}_s={r['wall']:.1f}", f"{tag}_peak_gib={peak:.2f}"))
-        print("RESULT " + " ".join([t for t, _ in results] + [p for _, p in results]))
+            first_label = None
+            for precision in args.precisions:
+                out = work / "predictions" / f"{key}_{precision}"
+                shutil.rmtree(out, ignore_errors=True)
+                log = work / f"predict_{key}_{precision}.log"
+                load = os.getloadavg()[0]
+                r = run_predict(checkpoints[key], ct, out, args.device, env, log, precision)
+                label = next(out.glob("*.nii.gz"), out / "ct.nii.gz")  # named after the case (an nnU-Net channel suffix dropped)
+                problem = f"failed (rc {r['rc']}): see {log}" if r["rc"] else check_output(label, shape)
+                failed |= bool(problem)
+                if problem and r["rc"]:
+                    tail = log.read_text().strip().splitlines()[-15:]
+                    print("\n".join("    " + line for line in tail), file=sys.stderr)
+                peak = r["maxrss_kib"] * 1024 / 2**30
+                goal = GOALS.get(key)
+                note = problem or (f"goal {goal:.0f} s {'met' if r['wall'] <= goal else 'missed'}" if goal and full else "")
+                tag = ("demo" if key == "demo" else f"{key}_{px}") + ("" if precision == args.precisions[0] else f"_{precision}")
+                dice = None
+                if not problem and first_label is not None:
+                    dice = dice_per_class(label, first_label)
+                    note = (note + "; " if note else "") + "Dice vs " + args.precisions[0] + ": " + " ".join(f"{n} {d:.4f}" for n, d in dice.items())
+                print(f"{key:<11} {variant:<16} {px:>5} {precision:>9} {depth:>6} {r['wall']:>8.1f} {r['wall'] / depth:>8.3f} {r['cpu']:>8.1f} {peak:>9.2f} {load:>5.1f}  {note}")
+                print(f"    $ {r['command']}")
+                if not problem:
+                    results.append(f"{tag}_s={r['wall']:.1f}")
+                    results.append(f"{tag}_peak_gib={peak:.2f}")
+                    if dice is not None:
+                        results.append(f"{tag}_dice_min={min(dice.values()):.4f}")
+                    if first_label is None:
+                        first_label = label
+        print("RESULT " + " ".join(results))
         if failed:
             raise SystemExit(1)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

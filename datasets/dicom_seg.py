@@ -57,11 +57,14 @@ _LO_MAX = 64  # characters of a DICOM LO value (Segment Label, Series Descriptio
 
 def write_seg(label, source_headers: Sequence[Dataset], classes, out_path, *, algorithm_version: str,
               checkpoint: str, algorithm_name: str = "samtune", series_description: str | None = None,
-              segmentation_type: str = "BINARY", series_number: int | None = None) -> Path:
+              segmentation_type: str = "BINARY", series_number: int | None = None, algorithm_type: str = "AUTOMATIC",
+              content_description: str = "Segmentation by a fine-tuned Segment Anything model") -> Path:
     """Write ``label`` (i, j, k class values; 0 background) as a DICOM-SEG on the series of
     ``source_headers``; ``classes``: (value, name, ClassCode or UNKNOWN) for every class of the
     model. ``series_description`` defaults to one naming the algorithm, version and checkpoint;
-    ``series_number`` to the source's + 1000, so the SEG sorts after its scan. Returns the path."""
+    ``series_number`` to the source's + 1000, so the SEG sorts after its scan; ``algorithm_type``:
+    AUTOMATIC (a prediction) or SEMIAUTOMATIC (a prediction a reader corrected, as `samtune serve`
+    saves them; PS3.3 C.8.20.2: both name the algorithm). Returns the path."""
     import highdicom as hd
 
     out_path = Path(out_path)
@@ -80,24 +83,24 @@ def write_seg(label, source_headers: Sequence[Dataset], classes, out_path, *, al
         log.warning(f"{out_path}: {uncoded_message(uncoded)}")
     description = series_description or f"{algorithm_name} {algorithm_version} {Path(str(checkpoint)).name}"
     seg = hd.seg.Segmentation(
-        headers, numbers, kind, [_segment(n, c, algorithm) for n, c in enumerate(classes, 1)],
+        headers, numbers, kind, [_segment(n, c, algorithm, algorithm_type) for n, c in enumerate(classes, 1)],
         hd.UID(), _series_number(series_number, headers), hd.UID(), 1,
         manufacturer=algorithm_name, manufacturer_model_name=_lo(f"{algorithm_name} {checkpoint}"),
         software_versions=algorithm_version, device_serial_number="none",
         series_description=_lo(description), content_qualification="RESEARCH",
-        content_description="Segmentation by a fine-tuned Segment Anything model",
+        content_description=_lo(content_description),
     )  # fmt: skip
     return _save_atomic(seg, out_path)
 
 
-def _segment(number: int, cls: LabelClass, algorithm):
+def _segment(number: int, cls: LabelClass, algorithm, algorithm_type: str = "AUTOMATIC"):
     """One SegmentDescription: the class's codes, modifier, colour, and its value in a note."""
     import highdicom as hd
 
     code = cls.code
     category, concept = (code.category, code.type) if code is not UNKNOWN else (UNKNOWN_CONCEPT, UNKNOWN_CONCEPT)
     desc = hd.seg.SegmentDescription(
-        number, cls.name, category, concept, "AUTOMATIC", algorithm_identification=algorithm,
+        number, cls.name, category, concept, algorithm_type, algorithm_identification=algorithm,
         display_color=hd.color.CIELabColor.from_rgb(*display_color(code, cls.value)),
     )  # fmt: skip
     if code is not UNKNOWN and code.modifier is not None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 OVERRIDES_HELP = "recipe overrides, e.g. train.steps=200 train.lr=3e-4 output.dir=runs/try2 (see `samtune recipe-keys`)"
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N"
+PREDICT_PRECISIONS = ("auto", "fp32", "bf16", "int8")  # samtune.finetune.predict.prediction.PRECISIONS (tested equal; no torch here)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -91,6 +92,10 @@ def _add_predict(sub: Subparsers) -> None:
     p.add_argument("--seg-type", choices=["BINARY", "LABELMAP"], default="BINARY",
                    help="DICOM-SEG segmentation type: BINARY (one bit plane per segment and slice; read by every viewer) or LABELMAP (one frame per slice holding segment numbers; DICOM 2024 and later)")  # fmt: skip
     p.add_argument("--resample", action="store_true", help="DICOM: interpolate a tilted, gappy or unevenly spaced series onto a regular grid instead of refusing it (NIfTI output only)")
+    p.add_argument("--precision", choices=PREDICT_PRECISIONS, default=None,
+                   help="the model's arithmetic: auto (bf16 where the device multiplies bfloat16 natively, else fp32), fp32, bf16, or int8 "
+                   "(the image encoder's Linear layers quantised; CPU only); default: the recipe's train.precision. bf16 and int8 "
+                   "change the labels slightly (speed and agreement with fp32: docs/howto/predict.md)")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides, e.g. automatic.threshold=0.6 eval.batch_size=4 data.channel=1")
 
 
@@ -197,6 +202,28 @@ def _add_fastsam(sub: Subparsers) -> None:
     p.add_argument("--export-only", action="store_true", help="only write the YOLO-format data (no ultralytics needed)")
 
 
+def _add_serve(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint to 3D Slicer and OHIF (MONAI Label's REST protocol): automatic proposal, click corrections, labels, retraining",
+        description="Serve a checkpoint through the part of MONAI Label's REST API that 3D Slicer's MONAI Label module and OHIF's "
+        "MONAI Label extension use. Models: `auto` (every class, no input) and `clicks` (foreground/background clicks correcting "
+        "one class, starting from the automatic proposal). The studies folder is the datastore, laid out as an nnU-Net v2 "
+        "dataset (imagesTr/{id}_0000.nii.gz, labelsTr/{id}.nii.gz, dataset.json written from the checkpoint's classes), so saved "
+        "labels are training data: POST /train/ retrains on them. Listens on 127.0.0.1 unless --host says otherwise.",
+        epilog="3D Slicer: Extensions Manager -> MONAI Label; in the module, server http://127.0.0.1:8000 (with --token: log in with "
+        "any user name and the token as password). Docs: docs/howto/serve.md",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run folder written by `samtune train`")
+    p.add_argument("--studies", type=Path, required=True, help="folder of images and labels (created when missing)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface, use --token)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000, MONAI Label's)")
+    p.add_argument("--token", default=None, help="bearer token every route but /info/ requires (default: $SAMTUNE_SERVE_TOKEN; none: no auth)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--max-upload-mb", type=int, default=2048, help="largest accepted upload in MiB (default 2048)")
+    p.add_argument("--session-expiry", type=int, default=3600, metavar="SECONDS", help="remove a session unused for this long (default 3600)")
+
+
 def _add_recipe_keys(sub: Subparsers) -> None:
     sub.add_parser("recipe-keys", help="print every recipe key with its default and meaning (Markdown)")
 
@@ -204,7 +231,7 @@ def _add_recipe_keys(sub: Subparsers) -> None:
 # the order of `samtune --help`
 _PARSERS: tuple[Callable[[Subparsers], None], ...] = (
     _add_train, _add_evaluate, _add_predict, _add_validate, _add_demo_data, _add_export,
-    _add_inspect, _add_cache, _add_report, _add_fastsam, _add_recipe_keys,
+    _add_inspect, _add_cache, _add_report, _add_serve, _add_fastsam, _add_recipe_keys,
 )  # fmt: skip
 
 

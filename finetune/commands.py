@@ -46,7 +46,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe or folder / "recipe.yaml", args.overrides)
     loaded = api.load_model(folder, recipe, device=args.device)
     predict(loaded, args.input, args.out, args.prompts, series=args.series, output_format=args.output_format, resample=args.resample,
-            seg_type=args.seg_type)
+            seg_type=args.seg_type, precision=args.precision)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from samtune.finetune.serve.server import ServeSettings, run_server
+
+    run_server(ServeSettings(args.checkpoint, args.studies, args.host, args.port, args.token, args.device, args.max_upload_mb,
+                             session_expiry_s=args.session_expiry))  # fmt: skip
     return 0
 
 
@@ -143,6 +151,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "inspect": _cmd_inspect,
     "cache": _cmd_cache,
     "report": _cmd_report,
+    "serve": _cmd_serve,
     "fastsam": _cmd_fastsam,
     "recipe-keys": _cmd_recipe_keys,
 }

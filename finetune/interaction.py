@@ -6,6 +6,12 @@ prediction, then ``mask_only_rounds`` rounds with no new click; from the second 
 previous low-res logits are given as the mask prompt. A single initial click is ambiguous, so that
 round predicts three masks and only the best one (lowest loss in training, highest predicted IoU in
 evaluation) counts. The image encoder runs once per image; decoder rounds reuse its embeddings.
+
+``class_correction_rounds``: the same corrective rounds for the automatic path
+(``automatic.corrective_rounds``): every class mask of a batch is corrected by clicks from its
+error region, each round decoding the class prompt + the clicks so far + the previous low-res
+logits as mask prompt (``decode_prompts(class_tokens=...)``), what ``samtune.finetune.corrections``
+does for a user's clicks.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from samtune.adapters.family import ImageEmbeddings, ModelFamily
+from samtune.adapters.family import CLASS_PROMPTS, ImageEmbeddings, ModelFamily
 from samtune.datasets import sample as S
 from samtune.datasets.prompts import sample_error_clicks
 from samtune.finetune.recipe import PromptsSection
@@ -113,3 +119,43 @@ def run_rounds(
             labels = torch.cat([labels, click_label], dim=1)
     loss = torch.stack(losses).mean() if losses else None
     return outputs, loss
+
+
+def class_correction_rounds(
+    model,
+    family: ModelFamily,
+    embeddings: ImageEmbeddings,
+    low_res: torch.Tensor,
+    labels: torch.Tensor,
+    rounds: int,
+    generator: torch.Generator,
+    loss_fn,
+    low_res_loss: bool = False,
+) -> torch.Tensor:
+    """The automatic path's corrective rounds on one batch: ``low_res`` B×K×s×s class logits (of
+    ``embeddings``, one row per image), ``labels`` B×S×S class indexes (K background, 255 ignored
+    or padding). Each round samples one click per class mask from its error region (no click where
+    it has none), then decodes class prompt k + every click so far + the previous (detached) logits
+    as mask prompt; returns ``loss_fn`` (``AutomaticLoss``) on the refined B×K masks, averaged over
+    rounds (s×s logits with ``low_res_loss``, else upscaled to S×S)."""
+    batch, k = low_res.shape[:2]
+    size = labels.shape[-1]
+    rows = embeddings.repeat_interleave(k)  # (B·K) rows: image b, class k at b·K + k
+    tokens = getattr(model, CLASS_PROMPTS)().repeat(batch, 1, 1)  # (B·K)×T×C
+    target = (labels[:, None] == torch.arange(k, device=labels.device).view(1, k, 1, 1)).flatten(0, 1)  # (B·K)×S×S
+    valid = (labels != 255).repeat_interleave(k, 0)
+    previous = low_res.flatten(0, 1)[:, None]  # (B·K)×1×s×s
+    points = torch.zeros(len(target), 0, 2, device=labels.device)
+    clicks = torch.zeros(len(target), 0, dtype=torch.long, device=labels.device)
+    losses = []
+    for _ in range(rounds):
+        with torch.no_grad():
+            pred = family.upscale_logits(previous.float(), size)[:, 0] > 0
+            click, click_label = sample_error_clicks(pred, target, valid, generator)
+        points = torch.cat([points, click.to(points.dtype)], dim=1)
+        clicks = torch.cat([clicks, click_label], dim=1)
+        refined, _ = family.decode_prompts(model, rows, None, points, clicks, mask_inputs=previous.detach(), class_tokens=tokens)
+        logits = refined[:, 0].float().unflatten(0, (batch, k))  # B×K×s×s
+        losses.append(loss_fn(logits if low_res_loss else family.upscale_logits(logits, size), labels))
+        previous = refined[:, :1].detach()
+    return torch.stack(losses).mean()

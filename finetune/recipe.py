@@ -76,7 +76,7 @@ class TrainSection(_Section):
     embedding_cache: bool = Field(False, description="`decoder_only`: compute each training image's embedding once, float16 on disk (`<cache dir>/embeddings-<key>/`, `samtune cache`), and reuse it at every step instead of running the frozen encoder; not with `augment:`")
     compile: bool = Field(False, description="`torch.compile` the image encoder (the first steps are slow while it compiles; for long GPU runs)")
     gradient_checkpointing: bool = Field(False, description="recompute image-encoder block activations in the backward pass: less memory, more time (figures in docs/explanation/measured.md)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast the forward passes to bfloat16 (GPUs from Ampere on; weights and optimiser stay float32)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`bf16`: autocast the forward passes to bfloat16 (weights and optimiser stay float32); `auto`: bf16 where the device multiplies bfloat16 natively (CUDA GPUs from Ampere on, CPUs with AMX or AVX-512 BF16, Arm BF16), else `fp32`; for training, evaluation and prediction")
     steps: int = Field(500, ge=1, description="optimiser steps")
     batch_size: int = Field(8, ge=1, description="prompted samples per step")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate (of the LoRA weights, and of everything else unless set below)")
@@ -145,6 +145,7 @@ class AutomaticSection(_Section):
     tokens: int = Field(2, ge=1, le=16, description="learnt prompt tokens per class (the class prompt the decoder reads instead of a box's two corner tokens)")
     threshold: float = Field(0.5, gt=0, lt=1, description="fusion into one label map: each pixel takes the class of highest probability, or background when no class reaches this probability")
     class_weights: Optional[dict[str, float]] = Field(None, description="weight of each class in the automatic loss, by class name (default 1 each), e.g. `{kidney_left: 2.0}`")
+    corrective_rounds: int = Field(0, ge=0, description="training: rounds after the class masks of a batch that each add one click from every class mask's error region and decode class prompt + clicks + the previous logits as mask prompt (corrections that start from the automatic result); their loss is added to the class loss. 0 = class prompts alone")
 
     @field_validator("class_weights")
     @classmethod
@@ -159,7 +160,7 @@ class EvalSection(_Section):
     batch_size: int = Field(16, ge=1, description="prompted samples (or images, semantic) per evaluation batch")
     max_samples: Optional[int] = Field(None, ge=1, description="evaluate on at most N validation samples (a fixed, seeded subset; prompted evaluation only, per-case 3D metrics then need the semantic path)")
     box_jitter_px: float = Field(0.0, ge=0, description="prompted evaluation: box edges moved outward by uniform 0..N px (input px, seeded per sample); 0 = the tight box of the ground truth")
-    volume_mode: Literal["slices", "propagate"] = Field("slices", description="volumes (NIfTI): `slices` = every slice holding an organ gets its own prompt (the prompted evaluation); `propagate` = also one tight box per organ and case, on the slice where the organ is largest, carried through the volume (`eval.propagation`) and scored per case in 3D (`propagated` in metrics.json)")
+    volume_mode: Literal["slices", "propagate", "interactive"] = Field("slices", description="volumes (NIfTI): `slices` = every slice holding an organ gets its own prompt (the prompted evaluation); `propagate` = also one tight box per organ and case, on the slice where the organ is largest, carried through the volume (`eval.propagation`) and scored per case in 3D (`propagated` in metrics.json); `interactive` = also the CVPR 2025 interactive 3D challenge's protocol: per organ and case a box (or, with class prompts, the automatic result), then 5 clicks at the centre of the largest 3D error, Dice/NSD after each and their AUC (`interactive` in metrics.json)")
     propagation: Literal["auto", "memory", "box"] = Field("auto", description="how `eval.volume_mode: propagate` and `samtune predict` with a prompt on one slice follow an organ through the volume: `memory` = SAM 2's video tracker (slices as frames, memory attention; SAM 2 families), `box` = slice by slice from the box of the previous slice's mask (every family), `auto` = memory where the family has it")
     save_predictions: bool = Field(False, description="semantic evaluation: write each validation image's label map into `<out>/predictions/` (Cityscapes: `*_gtFine_labelIds.png` at the original resolution, named like the ground truth; NIfTI: one label volume per case)")
 

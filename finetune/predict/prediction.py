@@ -37,12 +37,26 @@ from samtune.finetune.predict.label_files import label_classes, write_label_png,
 from samtune.finetune.checkpoints import read_classes
 from samtune.finetune.predict.prompt_file import Prompt, PromptSet, load_prompts
 from samtune.finetune.predict.propagation import SlicePrompt, make_propagator, predict_slice
+from samtune.finetune.runtime import autocast, inference_model, resolve_precision
 
 log = logging.getLogger(__name__)
 # files written per scan: the label, its summary, a 3D Slicer colour table, an ITK-SNAP label description
 VOLUME_SUFFIXES = (".nii.gz", ".json", ".ctbl", "_itksnap.txt")
 VOLUME_KINDS = ("nifti", "dicom")  # data formats of 3D scans: their checkpoints predict NIfTI files and DICOM series
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # samtune predict --precision: train.precision's values + int8 (CPU)
 
+
+
+def uniform_key(image: torch.Tensor, meta: dict) -> tuple | None:
+    """For a C×S×S model input whose image part (``meta["resized_size"]``, the rest is padding) holds
+    one value per channel: (those values, resized size, original size), equal for equal inputs;
+    else None."""
+    height, width = meta["resized_size"]
+    values = image[:, :height, :width].reshape(image.shape[0], -1)
+    first = values[:, :1]
+    if not bool((values == first).all()):
+        return None
+    return tuple(first[:, 0].tolist()), (height, width), tuple(meta["original_size"])
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -60,14 +74,26 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 class Predictor:
-    """A loaded checkpoint that predicts label maps of one source at a time."""
+    """A loaded checkpoint that predicts label maps of one source at a time.
 
-    def __init__(self, loaded, batch_size: int, threshold: float):
+    ``model`` is ``loaded.model`` arranged for inference (``runtime.inference_model``: LoRA merged,
+    BatchNorm folded, channels-last; a copy, the same numbers up to rounding). ``precision``:
+    ``auto`` / ``fp32`` / ``bf16`` as ``train.precision`` (default: the recipe's), or ``int8``: the
+    image encoder's Linear layers quantised (CPU). bf16 and int8 change the numbers (agreement with
+    fp32 in docs/howto/predict.md)."""
+
+    def __init__(self, loaded, batch_size: int, threshold: float, precision: str | None = None):
         self.loaded = loaded
         self.model, self.family, self.device = loaded.model, loaded.family, loaded.device
         self.transform = loaded.transform()
         self.batch_size = batch_size
         self.threshold = threshold
+        self.precision = resolve_precision(precision or loaded.recipe.train.precision, self.device)
+        if self.precision not in PRECISIONS:
+            raise SamtuneError(f"--precision {self.precision}: not one of {', '.join(PRECISIONS)}.")
+        if self.precision == "int8" and self.device.type != "cpu":
+            raise SamtuneError(f"--precision int8 runs on the CPU only (dynamic int8 quantisation), not on {self.device}; use auto, fp32 or bf16 there.")
+        self.model = inference_model(loaded.model, self.family, self.precision)
         classes = read_classes(loaded.checkpoint)
         self.automatic = has_class_prompts(self.model)
         if classes is None:
@@ -79,18 +105,34 @@ class Predictor:
     # --- automatic ---
     @torch.no_grad()
     def automatic_maps(self, source: SliceSource, desc: str):
-        """(index, H×W class-index map) for every image of ``source``, in batches."""
+        """(index, H×W class-index map) for every image of ``source``, in order, in batches.
+
+        A uniform image (one value everywhere, e.g. a CT slice of air above or below the body, which
+        the window maps to 0) is run through the model once per value and size; the others reuse
+        its map: the same input gives the same output, so the labels are those of running every
+        slice (tested), and such slices cost no encoder pass."""
         dataset = SemanticDataset(source, self.transform, self.space, training=False)
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_semantic)
+        uniform_maps: dict[tuple, np.ndarray] = {}  # uniform_key -> its map
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):  # None: no bar when not a terminal
-            maps = predict_index_maps(self.model, self.family, batch["image"].to(self.device), batch["meta"], self.threshold)
-            yield from zip((m["index"] for m in batch["meta"]), maps)
+            images, metas = batch["image"], batch["meta"]
+            keys = [uniform_key(image, meta) for image, meta in zip(images, metas)]
+            run = [i for i, key in enumerate(keys) if key is None or (key not in uniform_maps and key not in keys[:i])]
+            maps = {}
+            if run:
+                with autocast(self.device, self.precision):
+                    found = predict_index_maps(self.model, self.family, images[run].to(self.device), [metas[i] for i in run], self.threshold)
+                maps = dict(zip(run, found))
+                uniform_maps.update((keys[i], maps[i]) for i in run if keys[i] is not None)
+            for i, meta in enumerate(metas):
+                yield meta["index"], maps[i] if i in maps else uniform_maps[keys[i]].copy()
 
     # --- prompted ---
     def prompted_mask(self, image: np.ndarray, box: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None) -> np.ndarray:
         """H×W bool mask of one image from a box (x0, y0, x1, y1: pixel edges, x1 one past the last
         column, as training's boxes) and/or points (x, y: pixel indices, column and row), original px."""
-        return predict_slice(self.model, self.family, self.transform, self.device, image, box, points, labels)
+        with autocast(self.device, self.precision):
+            return predict_slice(self.model, self.family, self.transform, self.device, image, box, points, labels)
 
     def propagator(self):
         """How a prompt on one slice is carried through a volume (``eval.propagation`` of the recipe)."""
@@ -124,14 +166,15 @@ def _check_pixel(prompt: Prompt, shape: tuple[int, int], name: str) -> None:
 
 def predict(
     loaded, inputs: list[str], out: str | Path, prompts_file: str | Path | None = None, *, batch_size: int | None = None, quiet: bool = False,
-    series: str | None = None, output_format: str | None = None, resample: bool = False, seg_type: str = "BINARY",
+    series: str | None = None, output_format: str | None = None, resample: bool = False, seg_type: str = "BINARY", precision: str | None = None,
 ) -> list[dict]:
     """Predict every input; returns one summary record per input (also printed). Volume models
     also take DICOM series folders (``series``: the SeriesInstanceUID to read where a folder holds
     several; ``output_format``: nifti / dicom-seg / both; ``resample``: interpolate irregular
-    series; ``seg_type``: BINARY or LABELMAP DICOM-SEG; ``samtune.finetune.predict.dicom_io``)."""
+    series; ``seg_type``: BINARY or LABELMAP DICOM-SEG; ``samtune.finetune.predict.dicom_io``);
+    ``precision``: ``Predictor``'s (default: the recipe's ``train.precision``)."""
     recipe = loaded.recipe
-    predictor = Predictor(loaded, batch_size or recipe.eval.batch_size, recipe.automatic.threshold)
+    predictor = Predictor(loaded, batch_size or recipe.eval.batch_size, recipe.automatic.threshold, precision)
     prompts = load_prompts(prompts_file, predictor.space.names) if prompts_file else None
     if prompts is None and not predictor.automatic:
         raise SamtuneError(

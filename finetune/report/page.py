@@ -2,9 +2,10 @@
 no network (charts embedded as base64 PNG, CSS inline, no script).
 
 Per run: the evaluation protocol of each part, per-class IoU/Dice before and after fine-tuning
-(and the per-case 3D means of volumes), bar charts, learning curves, mIoU/mDice by prompt round,
-the best and worst validation cases predicted again from the run's best checkpoint, the recipe,
-parameter counts, skipped cases and the guardrails' findings. Several runs get a comparison table
+(and the per-case 3D means of volumes; Dice/NSD by click of ``eval.volume_mode: interactive``),
+bar charts, learning curves, mIoU/mDice by prompt round, the best and worst validation cases
+predicted again from the run's best checkpoint, the recipe, parameter counts, skipped cases and
+the guardrails' findings. Several runs get a comparison table
 first. The numbers come from ``metrics.json`` only, so a run whose checkpoint or data is gone
 still gets its report; the montage then says why it is missing.
 """
@@ -215,6 +216,34 @@ def _per_case_details(volume: dict) -> str:
             f"{_e(volume.get('accumulation', ''))})</summary>{_table(['case', 'class', 'Dice', 'HD95 mm', 'NSD'], rows, 'per-case')}</details>")  # fmt: skip
 
 
+def interactive_table(part: dict) -> str:
+    """``eval.volume_mode: interactive``: per class (and their mean) Dice and NSD after step 0 and
+    each click, the challenge's AUC over the clicks and the final value; per case in a <details>."""
+    steps = len(part["mean"]["dice"])
+    first = "box" if part.get("first_prompt") == "box" else "automatic"
+    header = ["class", "metric", f"step 0 ({first})", *[f"click {s}" for s in range(1, steps)], f"AUC (0–{steps - 2})", "final", "cases"]
+
+    def rows(name: str, c: dict, attrs: dict, cases: str) -> list[tuple[dict, list[str]]]:
+        return [({**attrs, "data-metric": key}, [_e(name) if key == "dice" else "", label, *[num(v) for v in c[key]],
+                                                  num(c[f"{key}_auc"]), num(c[f"final_{key}"]), cases if key == "dice" else ""])
+                for key, label in (("dice", "Dice"), ("nsd", "NSD"))]  # fmt: skip
+
+    body = [row for name, c in part["per_class"].items() if c["cases"] for row in rows(name, c, {"data-class": name}, num(c["cases"]))]
+    body += rows("mean", part["mean"], {"class": "mean"}, "")
+    cases = [({}, [_e(pc["case"]), _e(name), *[num(v) for v in pc["dice"]], num(pc["dice_auc"]), num(pc["nsd"][-1]), num(pc["nsd_auc"]),
+                   _e(" ".join(str(c[3]) for c in pc["clicks"]) or "none")])
+             for name, c in part["per_class"].items() for pc in c["per_case"]]  # fmt: skip
+    dice_steps = ["Dice step 0", *[f"Dice click {s}" for s in range(1, steps)]]
+    case_header = ["case", "class", *dice_steps, "Dice AUC", "final NSD", "NSD AUC", "clicks"]
+    return (_table(header, body, "interactive") + f"<p>{num(part.get('seconds'), 1)} s; NSD at {num(part.get('nsd_tolerance_mm'), 1)} mm</p>"
+            + f"<details><summary>per case ({len(cases)} rows)</summary>{_table(case_header, cases, 'interactive-per-case')}</details>")  # fmt: skip
+
+
+def _protocol_pairs(protocol: dict) -> list[tuple[str, str]]:
+    """A protocol for a <dl>: nested keys flattened, lists (e.g. differences from a challenge) one line each."""
+    return _flatten({k: "; ".join(map(str, v)) if isinstance(v, list) else v for k, v in protocol.items()})
+
+
 def run_section(i: int, run: Run, montage_html: str) -> str:
     """Every section of one run, in ``SECTIONS`` order; a section with nothing to show says why."""
     from samtune.finetune.report import figures as F
@@ -238,6 +267,8 @@ def run_section(i: int, run: Run, montage_html: str) -> str:
     out.append(f"<h3>{SECTIONS[0]}</h3>" + _dl(overview))
 
     protocol = [f"<h4>{p}</h4>" + _dl(_flatten(m[p].get("protocol", {})) + [("accumulation", _e(m[p].get("accumulation", "—")))]) for p in parts]
+    if isinstance(m.get("interactive"), dict):
+        protocol.append("<h4>interactive</h4>" + _dl(_protocol_pairs(m["interactive"].get("protocol", {}))))
     out.append(f"<h3>{SECTIONS[1]}</h3>" + "".join(protocol))
 
     if baseline is None:
@@ -245,6 +276,8 @@ def run_section(i: int, run: Run, montage_html: str) -> str:
     else:
         tables = []
     tables += [f"<h4>{p}</h4>" + per_class_table(p, m, (baseline or {}).get(p)) for p in parts]
+    if isinstance(m.get("interactive"), dict):
+        tables.append("<h4>interactive (eval.volume_mode: interactive, per case 3D)</h4>" + interactive_table(m["interactive"]))
     out.append(f"<h3>{SECTIONS[2]}</h3>" + "".join(tables))
 
     charts = [_img(F.class_bars(p, m[p]["per_class"], (baseline or {}).get(p, {}).get("per_class")), f"{p}: per-class IoU and Dice") for p in parts]

@@ -33,6 +33,7 @@ from samtune.finetune.interaction import run_rounds, total_rounds
 from samtune.finetune.predict.label_files import write_label_png
 from samtune.finetune.recipe import Recipe
 from samtune.finetune.runtime import autocast
+from samtune.finetune.scoring.interactive import evaluate_interactive
 from samtune.finetune.scoring.metrics import ClassIoUAccumulator
 from samtune.finetune.scoring.semantic_metrics import ConfusionAccumulator
 from samtune.finetune.scoring.volume_metrics import SemanticVolumeAccumulator, VolumeMetricAccumulator
@@ -198,6 +199,10 @@ def evaluate_all(model, family: ModelFamily, data, recipe: Recipe, device: torch
     if recipe.eval.volume_mode == "propagate" and source is not None and source.volumetric:
         names = data.val.class_names if data.val is not None else dict(zip(data.space.ids, data.space.names))
         out["propagated"] = evaluate_propagation(model, family, source, names, recipe, device, f"{desc} (propagate)")
+    if recipe.eval.volume_mode == "interactive" and source is not None and source.volumetric:
+        names = data.val.class_names if data.val is not None else dict(zip(data.space.ids, data.space.names))
+        out["interactive"] = evaluate_interactive(model, family, source, names, recipe, device, f"{desc} (interactive)",
+                                                  data.space.ids if data.space is not None else None)
     out["headline"] = "semantic" if "semantic" in out else "prompted"
     out["miou"] = out[out["headline"]]["miou"]
     out["mdice"] = out[out["headline"]]["mdice"]

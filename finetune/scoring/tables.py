@@ -1,6 +1,6 @@
-"""What a run prints and writes besides checkpoints: the PROMPTED / SEMANTIC tables with their
-protocol, per-case 3D lines, ``per_case.csv``, and metrics as JSON keeps them (training and
-``samtune evaluate`` share them).
+"""What a run prints and writes besides checkpoints: the PROMPTED / SEMANTIC (and PROPAGATED,
+INTERACTIVE) tables with their protocol, per-case 3D lines, ``per_case.csv``, and metrics as JSON
+keeps them (training and ``samtune evaluate`` share them).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def print_results(columns: dict[str, dict], recipe: Recipe) -> None:
             print(describe_volume(last["semantic"], "semantic, per case 3D (whole predicted volumes)"))
     if "propagated" in last:
         print(describe_propagation(last))
+    if "interactive" in last:
+        print(describe_interactive(last["interactive"]))
 
 
 def describe_propagation(metrics: dict) -> str:
@@ -61,6 +63,33 @@ def describe_propagation(metrics: dict) -> str:
             for s in c["per_case"]:
                 if s["dice"] == s["dice"]:  # not NaN: the class is in the case
                     lines.append(f"  {s['case']:<20} {name:<16} {slices.get((s['case'], name), float('nan')):>24.3f} {s['dice']:>17.3f}")
+    return "\n".join(lines)
+
+
+def describe_interactive(part: dict) -> str:
+    """The INTERACTIVE table: per class and their mean, Dice and NSD after step 0 and each click,
+    the challenge's AUC over the clicks (0-4) and the final value."""
+    steps = len(part["mean"]["dice"])
+    first = "box" if part["first_prompt"] == "box" else "auto"
+    step0 = (f"the box on its middle slice, propagated ({part['propagation']}) and cut to its z range" if first == "box"
+             else "the automatic result")  # fmt: skip
+    width = max([len(n) for n in part["per_class"]] + [5])
+    lines = [f"INTERACTIVE validation (CVPR 2025 interactive 3D challenge protocol): per organ and case, step 0 = {step0}, then "
+             f"{part['clicks']} clicks at the centre of the largest 3D error; per case 3D, NSD@{part['nsd_tolerance_mm']:g}mm; "
+             f"AUC over the clicks (0-{steps - 2}); {part['seconds']:g} s"]  # fmt: skip
+    head = f"{'class':<{width}} {'':<4} {first:>6}" + "".join(f" {f'click {s}':>7}" for s in range(1, steps)) + f" {'AUC':>6} {'final':>6} cases"
+    lines += [head, "-" * len(head)]
+
+    def rows(name: str, c: dict, cases: str) -> list[str]:
+        return [f"{name if key == 'dice' else '':<{width}} {label:<4} {c[key][0]:>6.3f}" + "".join(f" {v:>7.3f}" for v in c[key][1:])
+                + f" {c[key + '_auc']:>6.3f} {c['final_' + key]:>6.3f} {cases if key == 'dice' else ''}"
+                for key, label in (("dice", "Dice"), ("nsd", "NSD"))]  # fmt: skip
+
+    for name, c in part["per_class"].items():
+        if c["cases"]:
+            lines += rows(name, c, f"{c['cases']:>5}")
+    lines.append("-" * len(head))
+    lines += rows("mean", part["mean"], "")
     return "\n".join(lines)
 
 

@@ -32,9 +32,10 @@ from samtune.finetune.serve.auth import Auth
 from samtune.finetune.serve.errors import BadRequest, NotFound, RequestError
 from samtune.finetune.serve.requests import InferParams, parse_json
 from samtune.finetune.serve.sessions import Sessions
-from samtune.finetune.serve.studies import FINAL, Studies, check_id
+from samtune.finetune.serve.paths import check_id
+from samtune.finetune.serve.studies import FINAL, Studies
 from samtune.finetune.serve.training import TrainJob
-from samtune.finetune.serve.volumes import RESULT_EXTENSIONS, receive, write_result
+from samtune.finetune.serve.volumes import receive, write_result
 
 log = logging.getLogger(__name__)
 MODELS = ("auto", "clicks")

@@ -116,7 +116,7 @@ class ServeModel:
         bg = [self._display(p, volume, f"params.background[{i}]") for i, p in enumerate(background)]
         shape = volume.source.cases[0].image.shape
         current = volume.automatic == index if volume.automatic is not None else np.zeros(shape, bool)
-        mask = volume.corrector.correct(current, index if self.automatic_mode else None, fg, bg)
+        mask = volume.corrector.correct(current, index if self.automatic_mode else None, fg, bg, key=class_name)  # one cache per class
         values = self._to_file(mask.astype(np.uint8), volume)
         if roi is not None:
             values = _crop_to_roi(values, roi)

@@ -54,6 +54,7 @@ def build_state(settings: ServeSettings):
     loaded = load_model(folder, device=settings.device)
     engine = ServeModel(loaded)
     studies = Studies(Path(settings.studies), dict(zip(engine.predictor.space.file_values(), engine.names)))
+    studies.seg_classes, studies.checkpoint = engine.predictor.classes, str(folder)  # DICOM series: labels saved as DICOM-SEG
     sessions = Sessions(settings.sessions or studies.meta_dir / "sessions", settings.session_expiry_s)
     return ServeState(engine, studies, sessions, Auth(settings.token), TrainJob(folder, studies), settings.max_upload_mb * 2**20, __version__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from samtune.files import write_json_atomic
 from samtune.finetune.serve.errors import NotFound
-from samtune.finetune.serve.studies import inside, write_atomic
+from samtune.finetune.serve.paths import inside, write_atomic
 
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_EXPIRY_S = 3600

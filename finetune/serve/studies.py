@@ -21,9 +21,6 @@ interrupted upload leaves nothing half-written.
 from __future__ import annotations
 
 import json
-import os
-import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -32,39 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from samtune.files import write_json_atomic
+from samtune.finetune.serve.dicom_studies import DicomStudies
 from samtune.finetune.serve.errors import BadRequest, NotFound
+from samtune.finetune.serve.paths import ID_PATTERN, check_id, inside, temp_in, write_atomic
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FINAL = "final"  # MONAI Label's tag of a finished label; an upload without a tag is final
 NIFTI_ENDING = ".nii.gz"
-
-
-def check_id(value: str, field: str) -> str:
-    """An image id or tag as a plain file-name stem, else 400 naming ``field``."""
-    if not isinstance(value, str) or not ID_PATTERN.match(value) or ".." in value:
-        raise BadRequest(field, f"{value!r} is not a valid id (letters, digits, '.', '_', '-'; no path separators or '..')")
-    return value
-
-
-def inside(root: Path, path: Path, field: str) -> Path:
-    """``path`` resolved (symlinks followed); 404 naming ``field`` when it leaves ``root``."""
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise NotFound(field, f"{path.name} is not in the studies folder")
-    return resolved
-
-
-def write_atomic(data_from: Path, target: Path) -> None:
-    """Move a finished temporary file into place (same folder: an atomic rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(data_from, target)
-
-
-def temp_in(folder: Path, suffix: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".upload-", suffix=suffix, dir=folder)
-    os.close(fd)
-    return Path(name)
 
 
 @dataclass(frozen=True)
@@ -86,6 +56,7 @@ class Studies:
         self.root.mkdir(parents=True, exist_ok=True)
         self.classes = dict(classes)  # label value -> name (the checkpoint's)
         self._lock = threading.RLock()
+        self.meta_dir = self.root / ".samtune"
         if (self.root / "images").is_dir() and not (self.root / "dataset.json").is_file():
             self.layout = FOLDERS
         else:
@@ -96,7 +67,9 @@ class Studies:
                 write_json_atomic(self.root / "dataset.json", meta)
         for folder in (self.layout.images, self.layout.labels):
             (self.root / folder).mkdir(exist_ok=True)
-        self.meta_dir = self.root / ".samtune"
+        self.dicom = DicomStudies(self.root, self.meta_dir)
+        self.seg_classes: list | None = None  # LabelClass list for DICOM-SEG labels (set by the server)
+        self.checkpoint = ""
 
     # --- paths ---
     def image_path(self, image_id: str) -> Path:
@@ -104,17 +77,26 @@ class Studies:
         path = self.root / self.layout.images / f"{image_id}{self.layout.image_suffix}"
         return inside(self.root, path, "image")
 
+    def is_dicom(self, image_id: str) -> bool:
+        return not self.image_path(image_id).is_file() and self.dicom.has(image_id)
+
     def label_path(self, image_id: str, tag: str = FINAL) -> Path:
         check_id(image_id, "image")
         check_id(tag, "tag")
-        folder = self.root / self.layout.labels if tag == FINAL else self.meta_dir / "labels" / tag
+        nnunet_final = tag == FINAL and not self.is_dicom(image_id)  # a DICOM series' final label is its SEG (+ a NIfTI copy)
+        folder = self.root / self.layout.labels if nnunet_final else self.meta_dir / "labels" / tag
         return inside(self.root, folder / f"{image_id}{NIFTI_ENDING}", "label")
 
     def existing_image(self, image_id: str) -> Path:
         path = self.image_path(image_id)
-        if not path.is_file():
-            raise NotFound("image", f"no image {image_id!r} in the studies folder (GET /datastore/?output=all lists them)")
-        return path
+        if path.is_file():
+            return path
+        if self.dicom.has(image_id):
+            return self.dicom.image_path(image_id)
+        raise NotFound("image", f"no image {image_id!r} in the studies folder (GET /datastore/?output=all lists them)")
+
+    def has_final(self, image_id: str) -> bool:
+        return self.label_path(image_id).is_file() or (self.is_dicom(image_id) and self.dicom.labelled(image_id))
 
     # --- listing ---
     def ids(self) -> list[str]:
@@ -127,20 +109,20 @@ class Studies:
             image_id = p.name[: -len(suffix)]
             if ID_PATTERN.match(image_id) and p.resolve().is_relative_to(self.root.resolve()):  # a symlink out is not served
                 out.append(image_id)
-        return out
+        return out + [uid for uid in self.dicom.ids() if uid not in out]
 
     def tags(self, image_id: str) -> list[str]:
-        tags = [FINAL] if self.label_path(image_id).is_file() else []
+        tags = [FINAL] if self.has_final(image_id) else []
         other = self.meta_dir / "labels"
         if other.is_dir():
-            tags += sorted(t.name for t in other.iterdir() if (t / f"{image_id}{NIFTI_ENDING}").is_file())
+            tags += sorted(t.name for t in other.iterdir() if t.name != FINAL and (t / f"{image_id}{NIFTI_ENDING}").is_file())
         return tags
 
     def labelled(self) -> list[str]:
-        return [i for i in self.ids() if self.label_path(i).is_file()]
+        return [i for i in self.ids() if self.has_final(i)]
 
     def unlabelled(self) -> list[str]:
-        return [i for i in self.ids() if not self.label_path(i).is_file()]
+        return [i for i in self.ids() if not self.has_final(i)]
 
     def json(self) -> dict:
         """``GET /datastore/?output=all``: MONAI Label's local datastore model."""
@@ -164,7 +146,7 @@ class Studies:
 
     def datalist(self) -> list[dict]:
         """``GET /datastore/?output=train``: image/label pairs of the final labels."""
-        return [{"image": str(self.image_path(i)), "label": str(self.label_path(i))} for i in self.labelled()]
+        return [{"image": str(self.existing_image(i)), "label": str(self.label_path(i))} for i in self.labelled() if self.label_path(i).is_file()]
 
     # --- writing ---
     def add_image(self, image_id: str, upload: Path) -> Path:
@@ -196,6 +178,8 @@ class Studies:
         nib.save(out, str(tmp))
         with self._lock:
             write_atomic(tmp, target)
+            if tag == FINAL and self.is_dicom(image_id):
+                self.dicom.save_seg(image_id, mapped, self.seg_classes or [], self.checkpoint)
             self.update_info(image_id, "labels", {tag: {"ts": int(time.time()), "label_names": self.names_by_value()}})
         return target
 

@@ -12,13 +12,12 @@ nibabel has no NRRD support).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from samtune.finetune.serve.errors import BadRequest, TooLarge
-from samtune.finetune.serve.studies import temp_in
+from samtune.finetune.serve.paths import temp_in
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 RESULT_EXTENSIONS = (".nii.gz", ".nrrd")
@@ -114,10 +113,3 @@ def write_result(values: np.ndarray, reference: Path, target: Path) -> Path:
         nrrd.write(str(target), np.ascontiguousarray(values.astype(np.uint8)), header)
         return target
     return write_label_like(values, reference, target)
-
-
-def copy_upload(src: Path, folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / name
-    shutil.copyfile(src, target)
-    return target

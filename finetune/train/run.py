@@ -24,7 +24,8 @@ from samtune.files import write_atomic
 from samtune.finetune.checkpoints import save_checkpoint
 from samtune.finetune.data import DataBundle, build_datasets
 from samtune.finetune.recipe import Recipe, dump_recipe
-from samtune.finetune.runtime import build_base_model, check_writable, compile_encoder, image_size_of, model_family, resolve_device, seed_everything
+from samtune.finetune.runtime import (build_base_model, check_precision, check_writable, compile_encoder, image_size_of, model_family,
+                                      resolve_device, seed_everything)
 from samtune.finetune.distributed import Ranks, main_first
 from samtune.finetune.train.log import SilentLog, TrainLog
 from samtune.finetune.train.losses import AutomaticLoss, make_mask_loss
@@ -135,8 +136,7 @@ def build_run(recipe: Recipe, ranks: Ranks = Ranks(), rank_device: torch.device 
     seed_everything(recipe.seed)
     device = rank_device or resolve_device(recipe.train.device)
     family = model_family(recipe)
-    if recipe.train.precision == "bf16" and device.type == "cpu":
-        log.warning("train.precision=bf16 on the CPU is slow on most processors; running it anyway")
+    check_precision(recipe.train.precision, device)  # warns about bf16 on a CPU that emulates it
     with main_first():  # rank 0 writes demo data and slice caches, the others then read them
         data = build_datasets(recipe, family.make_transform(image_size_of(recipe)), progress=ranks.main)
     _log_data(data)

@@ -16,9 +16,9 @@ from samtune import SamtuneError
 from samtune.adapters.family import ImageEmbeddings
 from samtune.datasets import sample as S
 from samtune.datasets import semantic as SEM
-from samtune.finetune.automatic import class_logits, class_low_res
+from samtune.finetune.automatic import class_low_res
 from samtune.finetune.distributed import Ranks, gather, mean_across_ranks
-from samtune.finetune.interaction import run_rounds
+from samtune.finetune.interaction import class_correction_rounds, run_rounds
 from samtune.finetune.recipe import Recipe
 from samtune.finetune.runtime import autocast
 
@@ -33,14 +33,34 @@ def prompted_loss(model, family, batch: dict, recipe: Recipe, use_box: bool, cli
     return loss
 
 
-def automatic_loss(model, family, batch: dict, recipe: Recipe, loss_fn, embeddings=None) -> torch.Tensor:
-    """The automatic path's loss: every class prompt on every image of the batch."""
+def automatic_loss(model, family, batch: dict, recipe: Recipe, loss_fn, embeddings=None, click_generator=None) -> torch.Tensor:
+    """The automatic path's loss: every class prompt on every image of the batch (+ the corrective
+    rounds' loss with ``automatic.corrective_rounds``)."""
+    rounds = recipe.automatic.corrective_rounds
+    if rounds and embeddings is None:  # one encoder pass for the class masks and their corrections
+        with autocast(batch[SEM.IMAGE].device, recipe.train.precision):
+            embeddings = family.encode_images(model, batch[SEM.IMAGE])
     with autocast(batch[SEM.IMAGE].device, recipe.train.precision):
-        if recipe.loss.resolution == "low_res":  # the decoder's s×s logits against area-averaged labels
-            logits = class_low_res(model, family, batch[SEM.IMAGE], embeddings=embeddings)
-        else:
-            logits = class_logits(model, family, batch[SEM.IMAGE], embeddings=embeddings)
-    return loss_fn(logits, batch[SEM.LABELS])
+        # always the decoder's s×s logits against area-averaged labels (losses.class_targets),
+        # whatever loss.resolution says for prompted masks: K masks per image upsampled to S×S
+        # made the loss and its backward most of an automatic step (3× the step at s×s on the
+        # Cityscapes demo, K = 19; docs/howto/training.md), for no better mIoU
+        logits = class_low_res(model, family, batch[SEM.IMAGE], embeddings=embeddings)
+    loss = loss_fn(logits, batch[SEM.LABELS])
+    if rounds:
+        loss = loss + corrective_loss(model, family, batch, recipe, loss_fn, embeddings, logits.detach(), click_generator)
+    return loss
+
+
+def corrective_loss(model, family, batch: dict, recipe: Recipe, loss_fn, embeddings: ImageEmbeddings, low_res: torch.Tensor,
+                    click_generator) -> torch.Tensor:  # fmt: skip
+    """``automatic.corrective_rounds``: the batch's class masks (``low_res`` B×K×s×s, detached: the
+    rounds start from them as a user's clicks start from the automatic result) corrected by clicks
+    from their error regions; the loss of the refined masks at s×s, as the class loss, averaged
+    over rounds (``samtune.finetune.interaction.class_correction_rounds``)."""
+    with autocast(batch[SEM.IMAGE].device, recipe.train.precision):
+        return class_correction_rounds(model, family, embeddings, low_res, batch[SEM.LABELS], recipe.automatic.corrective_rounds,
+                                       click_generator, loss_fn, low_res_loss=True)  # fmt: skip
 
 
 def cached_embeddings(caches: dict, dataset, batch: dict, device: torch.device) -> ImageEmbeddings | None:
@@ -64,7 +84,7 @@ class StepLoss(torch.nn.Module):
 
     def forward(self, batch: dict, auto: bool, use_box: bool, click_generator, loss_fn, embeddings=None) -> torch.Tensor:
         if auto:
-            return automatic_loss(self.model, self.family, batch, self.recipe, loss_fn, embeddings)
+            return automatic_loss(self.model, self.family, batch, self.recipe, loss_fn, embeddings, click_generator)
         return prompted_loss(self.model, self.family, batch, self.recipe, use_box, click_generator, loss_fn, embeddings)
 
 

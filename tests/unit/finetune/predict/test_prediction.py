@@ -206,6 +206,7 @@ def test_automatic_nifti_label_is_written_on_the_scans_grid(which, ct_model, nib
         scan = nibabel_data / "anatomical.nii"
         assert nib.load(scan).header.endianness == ">"
         monkeypatch.setattr(P, "predict_index_maps", slice_oracle)
+        monkeypatch.setattr(P, "uniform_key", lambda image, meta: None)  # the oracle labels by slice index: blank slices differ too
     elif which == "nifti2_4d_channel_1":
         scan = nibabel_data / "example_nifti2.nii.gz"
         assert isinstance(nib.load(scan), nib.Nifti2Image) and len(nib.load(scan).shape) == 4
@@ -652,3 +653,73 @@ def test_batches_follow_eval_batch_size(ct_model, lps_scan, tmp_path, monkeypatc
     monkeypatch.setattr(P, "predict_index_maps", counting)
     P.predict(ct_model, [str(lps_scan)], tmp_path / "out", quiet=True, batch_size=4)
     assert sizes == [4, 2]  # 6 slices
+
+
+# ------------------------------------------------------------------ speed: uniform slices, precision
+
+
+def test_uniform_key_names_equal_inputs_and_only_those():
+    import torch
+
+    meta = {"resized_size": (40, 64), "original_size": (75, 120)}
+    image = torch.zeros(3, 64, 64)
+    image[:, :40, :64] = torch.tensor([-2.0, -1.5, -1.0])[:, None, None]  # one value per channel; the rest is padding
+    key = P.uniform_key(image, meta)
+    assert key == ((-2.0, -1.5, -1.0), (40, 64), (75, 120))
+    assert P.uniform_key(image + 0.5, meta) != key
+    assert P.uniform_key(image, {**meta, "original_size": (76, 120)}) != key  # another size: another label map
+    image[1, 39, 63] = 0.0
+    assert P.uniform_key(image, meta) is None
+
+
+def test_uniform_slices_are_predicted_once_and_give_the_labels_of_running_every_slice(ct_model, tmp_path, monkeypatch):
+    """A scan with air above and below the body (and one air slice inside): the real model's labels
+    are those of running every slice, with one model pass for all the air slices."""
+    data = np.asarray(nib.load(min((Path(ct_model.recipe.data.root) / "imagesTr").glob("*.nii.gz"))).dataobj)[:, :, :6].copy()
+    data = np.concatenate([np.full(data.shape[:2] + (3,), -1000, data.dtype), data, np.full(data.shape[:2] + (2,), -1000, data.dtype)], axis=2)
+    data[:, :, 5] = -1000 + np.random.default_rng(0).integers(-30, 30, data.shape[:2])  # noisy air: windowed to 0 all the same
+    scan = write_scan(tmp_path / "airy.nii.gz", data, _affine(np.diag([2.0, 2.0, 3.0])))
+    calls = []
+    real = P.predict_index_maps
+
+    def counting(model, family, images, metas, threshold):
+        calls.append([m["index"] for m in metas])
+        return real(model, family, images, metas, threshold)
+
+    monkeypatch.setattr(P, "predict_index_maps", counting)
+    skipped = P.predict(ct_model, [str(scan)], tmp_path / "skip", quiet=True, batch_size=4)[0]
+    run_slices = sorted(i for c in calls for i in c)
+    assert len(run_slices) == 11 - 6 + 1  # 5 body slices (one of the 6 was made air) + one air slice for all 6
+    monkeypatch.setattr(P, "uniform_key", lambda image, meta: None)
+    every = P.predict(ct_model, [str(scan)], tmp_path / "every", quiet=True, batch_size=4)[0]
+    assert skipped["voxels"] == every["voxels"]
+    np.testing.assert_array_equal(np.asarray(nib.load(skipped["output"]).dataobj), np.asarray(nib.load(every["output"]).dataobj))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_every_precision_predicts_a_label(precision, ct_model, small_scan, tmp_path):
+    record = P.predict(ct_model, [str(small_scan)], tmp_path / precision, quiet=True, precision=precision)[0]
+    label = np.asarray(nib.load(record["output"]).dataobj)
+    assert label.shape == nib.load(small_scan).shape and set(np.unique(label).tolist()) <= {0, 1, 2, 3, 4}
+
+
+def test_precision_default_is_the_recipes_and_int8_is_cpu_only(ct_model, monkeypatch):
+    import torch
+    from samtune.finetune import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert P.Predictor(ct_model, 4, 0.5).precision == "fp32"  # train.precision: auto, no native bf16
+    assert P.Predictor(with_overrides(ct_model, "train.precision=bf16"), 4, 0.5).precision == "bf16"
+    assert P.Predictor(ct_model, 4, 0.5, "int8").precision == "int8"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert P.Predictor(ct_model, 4, 0.5).precision == "bf16"
+    with pytest.raises(SamtuneError, match="--precision int8 runs on the CPU only"):
+        P.Predictor(dataclasses.replace(ct_model, device=torch.device("cuda")), 4, 0.5, "int8")
+    with pytest.raises(SamtuneError, match="--precision fp16: not one of auto, fp32, bf16, int8"):
+        P.Predictor(ct_model, 4, 0.5, "fp16")
+
+
+def test_predictor_keeps_the_loaded_model_as_loaded(ct_model):
+    predictor = P.Predictor(ct_model, 4, 0.5, "int8")
+    assert predictor.model is not ct_model.model and predictor.loaded.model is ct_model.model
+    assert any("lora_" in name for name, _ in ct_model.model.named_modules())

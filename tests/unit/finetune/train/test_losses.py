@@ -85,3 +85,45 @@ def test_bce_term_adds_the_weighted_binary_cross_entropy():
     bce = (F.binary_cross_entropy_with_logits(class_logits, onehot, reduction="none") * valid).sum((0, 2, 3)) / valid.sum()
     with_bce = AutomaticLoss(0.8, 0.0, bce_weight=0.2)(class_logits, labels)
     torch.testing.assert_close(with_bce, AutomaticLoss(0.8, 0.0)(class_logits, labels) + 0.2 * bce.mean())
+
+
+def test_class_targets_count_what_area_averaging_the_one_hot_labels_gives():
+    """The low-res targets (one bincount over the labels) are the area average of the one-hot
+    labels over each block, and the counted share that of the not-ignored mask; at the labels' own
+    size they are the one-hot labels and a 0/1 mask; a size that does not divide the labels falls
+    back to area interpolation."""
+    import torch.nn.functional as F
+
+    from samtune.finetune.train.losses import class_targets
+
+    torch.manual_seed(0)
+    k = 3
+    labels = torch.randint(0, k + 1, (2, 32, 24), dtype=torch.uint8)  # K = 3 background
+    labels[0, :5, :7] = 255
+    labels[1, 8:12, 4:8] = 255  # one whole block ignored
+    onehot = torch.stack([(labels == c).float() for c in range(k)], 1)
+    valid = (labels != 255).unsqueeze(1).float()
+    for size in ((8, 6), (16, 12), (10, 7)):
+        target, counted = class_targets(labels, k, size)
+        area_valid = F.interpolate(valid, size=size, mode="area")
+        expected = F.interpolate(onehot * valid, size=size, mode="area") / area_valid.clamp(min=1e-6)
+        torch.testing.assert_close(counted, area_valid)
+        torch.testing.assert_close(target, expected)
+    target, counted = class_targets(labels, k, (32, 24))
+    assert torch.equal(target, onehot) and torch.equal(counted, valid)
+    target, counted = class_targets(labels, k, (8, 6))
+    assert counted[1, 0, 2, 1] == 0 and target[1, :, 2, 1].abs().sum() == 0  # the ignored block: no weight, no target
+
+
+def test_sigmoid_focal_is_monai_focal_loss_with_soft_targets():
+    import torch.nn.functional as F
+    from monai.losses import FocalLoss
+
+    from samtune.finetune.train.losses import sigmoid_focal
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8) * 6
+    for target in ((torch.rand(2, 3, 8, 8) > 0.5).float(), torch.rand(2, 3, 8, 8)):
+        focal, bce = sigmoid_focal(logits, target)
+        torch.testing.assert_close(focal, FocalLoss(gamma=2.0, use_softmax=False, reduction="none")(logits, target), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bce, F.binary_cross_entropy_with_logits(logits, target, reduction="none"))

@@ -121,3 +121,30 @@ def test_a_non_finite_gradient_norm_stops_before_the_update(monkeypatch):
     with pytest.raises(SamtuneError, match=r"the gradient norm became inf at step 3 \(prompted path\)"):
         step(opt, [fixed_batch()], 3)
     assert all(torch.equal(trained(model)[n], start[n]) for n in start)
+
+
+@pytest.mark.parametrize("resolution", ["input", "low_res"])
+def test_the_class_loss_is_computed_on_the_decoder_logits_whatever_loss_resolution(resolution, monkeypatch):
+    """K class masks per image: the automatic loss scores the decoder's s×s logits against
+    area-averaged labels with either loss.resolution (upsampling K maps to S×S made the loss most
+    of an automatic step); the same number as the loss module on class_low_res."""
+    from samtune.datasets import semantic as SEM
+    from samtune.finetune.automatic import class_low_res
+    from samtune.finetune.train.losses import AutomaticLoss
+    from samtune.finetune.train.step import automatic_loss
+
+    torch.manual_seed(0)
+    recipe = validate_recipe({"task": "automatic", "data": {"kind": "nifti", "root": "-"}, "loss": {"resolution": resolution}})
+    family = get_family("sam")
+    size = 128  # the tiny model's decoder gives 64×64 at any input size: 2× smaller here
+    model = build_model("tiny", image_size=size)
+    family.add_class_prompts(model, 2, 2)
+    labels = torch.randint(0, 3, (2, size, size), dtype=torch.uint8)
+    batch = {SEM.IMAGE: torch.randn(2, 3, size, size), SEM.LABELS: labels}
+    seen = []
+    loss_fn = AutomaticLoss(1.0, 20.0)
+    monkeypatch.setattr(loss_fn, "forward", lambda logits, target: seen.append(logits.shape) or AutomaticLoss.forward(loss_fn, logits, target))
+    loss = automatic_loss(model, family, batch, recipe, loss_fn)
+    assert seen == [(2, 2, 64, 64)]
+    with torch.no_grad():
+        torch.testing.assert_close(loss, AutomaticLoss(1.0, 20.0)(class_low_res(model, family, batch[SEM.IMAGE]), labels))
