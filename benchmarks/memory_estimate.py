@@ -38,7 +38,7 @@ from encoder_speed import sam_config  # noqa: E402
 from samtune.adapters.lora import prepare_trainable  # noqa: E402
 from samtune.adapters.registry import family_of, get_variant  # noqa: E402
 from samtune.datasets import sample as S  # noqa: E402
-from samtune.finetune.automatic import class_logits, class_low_res  # noqa: E402
+from samtune.finetune.automatic import class_low_res  # noqa: E402
 from samtune.finetune.interaction import run_rounds  # noqa: E402
 from samtune.finetune.train.losses import AutomaticLoss  # noqa: E402
 from samtune.finetune.train.optim import build_optimizer  # noqa: E402
@@ -139,13 +139,14 @@ def estimate(recipe, classes: int, kernels: str = "cuda") -> dict:
             sdpa = torch.nn.functional.scaled_dot_product_attention
             if kernels == "cuda":
                 torch.nn.functional.scaled_dot_product_attention = fused_sdpa
-            with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train.precision == "bf16"):
+            # train.precision auto is bf16 on the GPUs this estimates for (Ampere and newer)
+            with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train.precision in ("bf16", "auto")):
                 if path == "prompted":
                     _, loss = run_rounds(model, family, batch, recipe.prompts, size, True, torch.Generator(), mask_loss_stand_in,
                                          recipe.loss.iou_weight, low_res_loss=low_res)  # fmt: skip
                 else:
                     labels = torch.zeros(batch_size, size, size, dtype=torch.uint8)
-                    logits = (class_low_res if low_res else class_logits)(model, family, batch[S.IMAGE])
+                    logits = class_low_res(model, family, batch[S.IMAGE])  # the class loss is always at the decoder's s×s
                     loss = AutomaticLoss(1.0, 20.0)(logits, labels)
                 loss.backward()
                 optimizer.step()

@@ -217,10 +217,10 @@ def samtune_command() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "samtune"]
 
 
-def run_predict(checkpoint: Path, ct: Path, out: Path, device: str, env: dict, log: Path, precision: str) -> dict:
+def run_predict(checkpoint: Path, ct: Path, out: Path, device: str, env: dict, log: Path, precision: str, options: list[str]) -> dict:
     """One ``samtune predict`` in a process of its own: wall seconds, peak RSS, return code."""
     command = [*samtune_command(), "predict", "--checkpoint", str(checkpoint), "--input", str(ct), "--out", str(out), "--device", device,
-               "--precision", precision]
+               "--precision", precision, *options]
     with open(log, "w") as handle:
         done = subprocess.run([sys.executable, "-c", WRAPPER, *command], stdout=handle, stderr=subprocess.PIPE, text=True, env=env)
     lines = done.stderr.strip().splitlines()
@@ -277,7 +277,8 @@ def main() -> None:
     parser.add_argument("--input", help="a NIfTI scan to predict instead of the generated CT (e.g. a demo phantom case); --slices/--size ignored")
     parser.add_argument("--image-size", type=int, help="model input size of mobile_sam and vit_b (default: --size); demo stays at its 128")
     parser.add_argument("--demo-checkpoint", default="runs/demo", help="run or checkpoint folder of `samtune train recipes/demo.yaml` (default runs/demo)")
-    parser.add_argument("--threads", type=int, help="torch threads of each predict (OMP_NUM_THREADS; default: torch's, one per core)")
+    parser.add_argument("--threads", type=int, help="samtune predict --threads (and OMP_NUM_THREADS; default: torch's, one per core)")
+    parser.add_argument("--batch-size", type=int, help="samtune predict --batch-size (default: the checkpoint's eval.batch_size)")
     parser.add_argument("--device", default="cpu", help="samtune predict --device: cpu (default), cuda, cuda:N, auto")
     parser.add_argument("--work", help="folder for the CT, checkpoints and predictions, reused when present (default: a temporary folder, removed)")
     args = parser.parse_args()
@@ -345,7 +346,8 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 log = work / f"predict_{key}_{precision}.log"
                 load = os.getloadavg()[0]
-                r = run_predict(checkpoints[key], ct, out, args.device, env, log, precision)
+                options = [*(["--threads", str(args.threads)] if args.threads else []), *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
+                r = run_predict(checkpoints[key], ct, out, args.device, env, log, precision, options)
                 label = next(out.glob("*.nii.gz"), out / "ct.nii.gz")  # named after the case (an nnU-Net channel suffix dropped)
                 problem = f"failed (rc {r['rc']}): see {log}" if r["rc"] else check_output(label, shape)
                 failed |= bool(problem)

@@ -42,11 +42,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from samtune.finetune.predict.prediction import predict
     from samtune.finetune.recipe import load_recipe
 
+    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise SamtuneError(f"{flag} {value}: give a whole number of at least 1.")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     folder = api.checkpoint_folder(args.checkpoint)
     recipe = load_recipe(args.recipe or folder / "recipe.yaml", args.overrides)
     loaded = api.load_model(folder, recipe, device=args.device)
     predict(loaded, args.input, args.out, args.prompts, series=args.series, output_format=args.output_format, resample=args.resample,
-            seg_type=args.seg_type, precision=args.precision)
+            seg_type=args.seg_type, precision=args.precision, batch_size=args.batch_size)
     return 0
 
 

@@ -137,7 +137,7 @@ class LossSection(_Section):
     focal_weight: float = Field(20.0, ge=0, description="weight of the focal loss (SAM paper: 20 focal : 1 Dice)")
     bce_weight: float = Field(0.0, ge=0, description="weight of the binary cross-entropy per mask / class (SAMed: 0.2 CE + 0.8 Dice, focal 0; MedSAM: 1 Dice + 1 BCE)")
     iou_weight: float = Field(1.0, ge=0, description="weight of the MSE between the IoU head's prediction and the actual IoU (SAM paper: 1)")
-    resolution: Literal["input", "low_res"] = Field("input", description="where the training loss is computed: `input` (every predicted mask upsampled to the model input, S×S) or `low_res` (the mask decoder's own S/4 × S/4 output against the ground truth area-averaged to it, as SAMed; 16× fewer pixels, for large inputs and many prompts per image)")
+    resolution: Literal["input", "low_res"] = Field("input", description="where the prompted masks' training loss is computed: `input` (every predicted mask upsampled to the model input, S×S) or `low_res` (the mask decoder's own S/4 × S/4 output against the ground truth area-averaged to it, as SAMed; 16× fewer pixels, for large inputs and many prompts per image). The automatic mode's class masks are always scored at S/4 × S/4 (K masks per image: their upsampling dominated a step)")
 
 
 class AutomaticSection(_Section):

@@ -69,9 +69,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _with_defaults(saved_yaml: str) -> str:
+    """The saved recipe with every key samtune has added since at its default (a run saved before
+    ``automatic.corrective_rounds`` existed trained with its default, 0); as saved if it no longer
+    validates (the difference is then reported key by key)."""
+    from samtune.finetune.recipe import Recipe, dump_recipe
+
+    try:
+        return dump_recipe(Recipe.model_validate(yaml.safe_load(saved_yaml)))
+    except Exception:  # noqa: BLE001  (an old key the schema no longer has)
+        return saved_yaml
+
+
 def check_same_recipe(saved_yaml: str, current_yaml: str, folder: Path, force: bool) -> None:
     """Refuse to resume with a changed recipe, naming the keys; ``force`` allows NEUTRAL_KEYS."""
-    saved, current = _flat(yaml.safe_load(saved_yaml)), _flat(yaml.safe_load(current_yaml))
+    saved, current = _flat(yaml.safe_load(_with_defaults(saved_yaml))), _flat(yaml.safe_load(current_yaml))
     differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if not differ:
         return

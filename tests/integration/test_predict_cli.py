@@ -259,3 +259,25 @@ def test_precision_option(ct_run, scans, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["predict", "--checkpoint", str(ct_run), "--input", str(scans), "--out", str(tmp_path / "x"), "--precision", "fp16"])
     assert stop.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_batch_size_and_threads_options(ct_run, scans, tmp_path, capsys, monkeypatch):
+    import samtune.finetune.predict.prediction as P
+    import torch
+
+    sizes, real = [], P.predict_index_maps
+
+    def counting(model, family, images, metas, threshold):
+        sizes.append(len(images))
+        return real(model, family, images, metas, threshold)
+
+    monkeypatch.setattr(P, "predict_index_maps", counting)
+    threads = torch.get_num_threads()
+    try:
+        args = ["predict", "--checkpoint", str(ct_run), "--input", str(scans / "phantom_000.nii.gz"), "--batch-size", "2", "--threads", "1"]
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0
+        assert sizes == [2, 1] and torch.get_num_threads() == 1  # 3 slices
+    finally:
+        torch.set_num_threads(threads)
+    assert main(["predict", "--checkpoint", str(ct_run), "--input", str(scans), "--out", str(tmp_path / "b"), "--batch-size", "0"]) == 2
+    assert "--batch-size 0: give a whole number of at least 1" in capsys.readouterr().err

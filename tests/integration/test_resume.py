@@ -97,7 +97,13 @@ def test_a_state_written_by_the_earlier_trainer_resumes_to_the_same_bytes(tmp_pa
     shutil.copytree(old, tmp_path / "run" / "states" / old.name)
     assert main(["-q", "train", str(recipe), "--resume"]) == 0
     assert main(["-q", "train", str(recipe), "output.dir=straight"]) == 0
-    # the best evaluation was at step 3, before the state: only the straight run wrote checkpoints/best
-    resumed = (tmp_path / "run" / "checkpoints" / "last" / "adapter_model.safetensors").read_bytes()
-    assert resumed == (tmp_path / "straight" / "checkpoints" / "last" / "adapter_model.safetensors").read_bytes()
-    assert _numbers(tmp_path / "run") == _numbers(tmp_path / "straight")
+    # Steps 1-3 of the state were trained with the class loss at the input resolution; since issue 20
+    # it is computed at the decoder's (same loss value, other rounding), so the resumed run cannot end
+    # on the straight run's bytes any more. What an old state must still give: it loads (weights,
+    # optimiser, every generator, the data order) and the run continues from step 3 to the end,
+    # with the same evaluations at the same steps and numbers within rounding of a straight run.
+    resumed, straight = _numbers(tmp_path / "run"), _numbers(tmp_path / "straight")
+    assert (tmp_path / "run" / "checkpoints" / "last" / "adapter_model.safetensors").is_file()
+    assert resumed["step"] == straight["step"] and resumed["baseline"] == straight["baseline"]
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in straight["history"]]
+    assert resumed["miou"] == pytest.approx(straight["miou"], abs=0.02) and resumed["mdice"] == pytest.approx(straight["mdice"], abs=0.02)

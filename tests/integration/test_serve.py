@@ -294,6 +294,19 @@ def test_nrrd_answer_has_the_input_grid(world, tmp_path):
         image = nib.load(str(studies / "imagesTr" / "phantom_000_0000.nii.gz"))
         assert data.shape == image.shape and header["space"] == "right-anterior-superior"
         assert np.allclose(header["space directions"], image.affine[:3, :3].T) and np.allclose(header["space origin"], image.affine[:3, 3])
+        # the volume sent with the request instead of an id: same answer as the stored image's
+        with open(studies / "imagesTr" / "phantom_000_0000.nii.gz", "rb") as f:
+            sent = requests.post(f"{server.url}/infer/auto?output=image", data={"params": json.dumps({"result_extension": ".nrrd"})},
+                                 files={"file": ("scan.nii.gz", f)}, timeout=60)  # fmt: skip
+        assert sent.status_code == 200 and np.array_equal(_nrrd_bytes(sent.content, tmp_path), data)
+        assert not list((studies / ".samtune" / "sessions").glob("*.nii*")) and not list((studies / ".samtune" / "sessions").glob(".upload-*"))
+
+
+def _nrrd_bytes(content: bytes, tmp_path: Path) -> np.ndarray:
+    import nrrd
+
+    (tmp_path / "b.nrrd").write_bytes(content)
+    return nrrd.read(str(tmp_path / "b.nrrd"))[0]
 
 
 def test_dicom_series_are_served_and_their_labels_become_dicom_seg_training_data(world, dicom_template):
