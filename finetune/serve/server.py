@@ -60,7 +60,12 @@ def build_state(settings: ServeSettings):
 
 
 def run_server(settings: ServeSettings) -> None:
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401  (python-multipart: FastAPI's form parser)
+        import uvicorn
+    except ImportError as exc:
+        raise SamtuneError(f"samtune serve needs the serve extra ({exc.name} is missing): pip install 'samtune[serve]'") from None
 
     from samtune.finetune.serve.app import create_app
     from samtune.finetune.serve.auth import TOKEN_ENV
