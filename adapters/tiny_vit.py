@@ -213,7 +213,11 @@ class Attention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(batch, n, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=3)  # each B'×heads×N×d
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # heads×N×N
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale d^-0.5, as the reference
+        # scale d^-0.5, as the reference; the mask given 4-D (1×heads×N×N): a 3-D mask sends PyTorch's CPU
+        # attention to its slow path (2.8× slower on 256 windows of 7×7, same results; MobileSAM encoder at 512 px
+        # 0.497 -> 0.434 s per image: benchmarks/backbones.py --models mobile-sam --image-size 512 --batch 1 --threads 1,
+        # 2-core EPYC)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
         return self.proj(out.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim))
 
 
