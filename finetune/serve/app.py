@@ -65,6 +65,15 @@ def create_app(state: ServeState) -> FastAPI:
         state.auth.check_header(request.headers.get("authorization"))
 
     guarded = [Depends(authorized)]
+    _info_routes(app, state, guarded)
+    _session_routes(app, state, guarded)
+    _datastore_routes(app, state, guarded)
+    _learning_routes(app, state, guarded)
+    return app
+
+
+def _info_routes(app: FastAPI, state: ServeState, guarded: list) -> None:
+    """``/info/``, MONAI Label's login flow and ``/infer``."""
 
     @app.get("/info/")
     def info():
@@ -87,6 +96,8 @@ def create_app(state: ServeState) -> FastAPI:
               file: UploadFile | None = File(None), label: UploadFile | None = File(None)):  # fmt: skip
         return _infer(state, model, image, session_id, output, params, file)
 
+
+def _session_routes(app: FastAPI, state: ServeState, guarded: list) -> None:
     @app.put("/session/", dependencies=guarded)
     def create_session(files: list[UploadFile] = File(...), expiry: int = 0):
         if len(files) != 1:
@@ -108,6 +119,8 @@ def create_app(state: ServeState) -> FastAPI:
             state.engine.forget(path)
         return _public_session(state.sessions.remove(session_id))
 
+
+def _datastore_routes(app: FastAPI, state: ServeState, guarded: list) -> None:
     @app.get("/datastore/", dependencies=guarded)
     def datastore(output: str = "stats"):
         if output == "all":
@@ -148,6 +161,10 @@ def create_app(state: ServeState) -> FastAPI:
             raise NotFound("label", f"no {tag!r} label for image {label!r}")
         return FileResponse(path, filename=f"{label}.nii.gz")
 
+
+def _learning_routes(app: FastAPI, state: ServeState, guarded: list) -> None:
+    """Active learning and retraining."""
+
     @app.post("/activelearning/{strategy}", dependencies=guarded)
     async def next_sample(strategy: str, request: Request):
         body = await request.body()
@@ -178,8 +195,6 @@ def create_app(state: ServeState) -> FastAPI:
     @app.delete("/train/", dependencies=guarded)
     def train_stop():
         return state.train.stop()
-
-    return app
 
 
 def _info(state: ServeState) -> dict:
