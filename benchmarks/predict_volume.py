@@ -29,6 +29,10 @@ the first also gets the per-class Dice of its labels against the first's (``--pr
 bf16``: what int8 and bf16 change). ``--air-slices N`` makes N slices at each end air only (one
 value after windowing: ``samtune predict`` runs the model once for all of them); ``--input`` predicts
 a given scan instead (e.g. a demo phantom case, where the demo checkpoint is trained).
+``--engines torch onnxruntime`` adds rows with ``samtune predict --engine onnxruntime`` (float32 only,
+so with the fp32/auto precisions only), Dice against the first row like the precisions; before its
+rows, the graphs are traced into a fresh cache by a predict of a 2-slice CT ("trace" line: what
+the first prediction with a new checkpoint costs once).
 
 Goals of issue 20: MobileSAM ≤ 60 s, ViT-B ≤ 240 s, peak ≤ 4 GB for the 512×512×300 CT on the CPU
 (figures and levers: docs/howto/predict.md, "A whole CT on the CPU").
@@ -68,6 +72,7 @@ import numpy as np
 
 MODELS = ("demo", "mobile_sam", "vit_b")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")  # samtune predict --precision
+ENGINES = ("torch", "onnxruntime")  # samtune predict --engine
 VARIANTS = {"mobile_sam": "mobile-sam", "vit_b": "sam-vit-base"}
 CLASSES = ["liver", "spleen", "kidney_right", "kidney_left"]
 TOKENS = 2  # automatic.tokens default
@@ -217,10 +222,11 @@ def samtune_command() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "samtune"]
 
 
-def run_predict(checkpoint: Path, ct: Path, out: Path, device: str, env: dict, log: Path, precision: str, options: list[str]) -> dict:
+def run_predict(checkpoint: Path, ct: Path, out: Path, device: str, env: dict, log: Path, precision: str, options: list[str],
+                engine: str = "torch") -> dict:
     """One ``samtune predict`` in a process of its own: wall seconds, peak RSS, return code."""
     command = [*samtune_command(), "predict", "--checkpoint", str(checkpoint), "--input", str(ct), "--out", str(out), "--device", device,
-               "--precision", precision, *options]
+               "--precision", precision, "--engine", engine, *options]
     with open(log, "w") as handle:
         done = subprocess.run([sys.executable, "-c", WRAPPER, *command], stdout=handle, stderr=subprocess.PIPE, text=True, env=env)
     lines = done.stderr.strip().splitlines()
@@ -229,6 +235,19 @@ def run_predict(checkpoint: Path, ct: Path, out: Path, device: str, env: dict, l
         handle.write("\n".join(lines[:-1]))
     result["command"] = " ".join(command)
     return result
+
+
+def trace_onnx(checkpoint: Path, work: Path, args, env: dict) -> str:
+    """Trace ``checkpoint``'s graphs into a fresh cache with a predict of a 2-slice CT; a line saying what it cost."""
+    shutil.rmtree(Path(env["SAMTUNE_CACHE"]) / "onnx", ignore_errors=True)
+    small = work / f"ct_{args.size}x{args.size}x2" / "ct.nii.gz"
+    if not small.is_file():
+        small.parent.mkdir(parents=True, exist_ok=True)
+        write_ct(small, args.size, 2)
+    out = work / "predictions" / "trace"
+    shutil.rmtree(out, ignore_errors=True)
+    r = run_predict(checkpoint, small, out, args.device, env, work / "trace.log", "fp32", [], "onnxruntime")
+    return f"onnxruntime trace (once per checkpoint; a 2-slice predict that traces into a fresh cache): {r['wall']:.1f} s wall, rc {r['rc']}"
 
 
 def check_output(label: Path, shape: tuple[int, ...]) -> str:
@@ -271,6 +290,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["auto"], choices=PRECISIONS,
                         help="samtune predict --precision of each row (default: auto, the default); every later one also gets "
                         "its per-class Dice against the first's labels")  # fmt: skip
+    parser.add_argument("--engines", nargs="+", default=["torch"], choices=ENGINES,
+                        help="samtune predict --engine of each row (default: torch); onnxruntime rows run the fp32/auto precisions only")
     parser.add_argument("--slices", type=int, default=300, help="slices of the generated CT (default 300)")
     parser.add_argument("--air-slices", type=int, default=0, help="slices of air only at each end of the generated CT (default 0)")
     parser.add_argument("--size", type=int, default=512, help="in-plane size of the generated CT, px (default 512)")
@@ -283,6 +304,10 @@ def main() -> None:
     parser.add_argument("--work", help="folder for the CT, checkpoints and predictions, reused when present (default: a temporary folder, removed)")
     args = parser.parse_args()
     image_size = args.image_size or args.size
+    settings = [(e, p) for e in args.engines for p in args.precisions if e == "torch" or p in ("auto", "fp32")]
+    if not settings:
+        parser.error("--engines onnxruntime runs float32: give --precisions fp32 or auto with it")
+    reference = settings[0][1] if settings[0][0] == "torch" else settings[0][0]
 
     import nibabel as nib
     import torch
@@ -290,6 +315,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = dict(os.environ, TQDM_DISABLE="1")
+    env["SAMTUNE_CACHE"] = str(Path(args.work or tempfile.gettempdir()) / "samtune_cache")
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     name, flags = cpu_description()
@@ -331,23 +357,26 @@ def main() -> None:
         full = depth == 300 and shape[0] == 512 and not args.input
         print(f"\none `samtune predict` (automatic) per row, in its own process, one at a time; s = wall incl. start and imports; "
               f"CPU s = its user + system CPU time (wall/CPU s show contention); peak = max RSS of that process; goals (issue 20, 512×512×300 CPU): mobile_sam ≤ {GOALS['mobile_sam']:.0f} s, "
-              f"vit_b ≤ {GOALS['vit_b']:.0f} s, peak ≤ {GOAL_PEAK_GB:g} GB; Dice: per class against the labels of the row's first precision ({args.precisions[0]})")  # fmt: skip
-        print(f"{'model':<11} {'variant':<16} {'px':>5} {'precision':>9} {'slices':>6} {'s total':>8} {'s/slice':>8} {'CPU s':>8} {'peak GiB':>9} {'load':>5}  note")
+              f"vit_b ≤ {GOALS['vit_b']:.0f} s, peak ≤ {GOAL_PEAK_GB:g} GB; Dice: per class against the labels of the first setting ({reference})")  # fmt: skip
+        print(f"{'model':<11} {'variant':<16} {'px':>5} {'precision':>11} {'slices':>6} {'s total':>8} {'s/slice':>8} {'CPU s':>8} {'peak GiB':>9} {'load':>5}  note")
         results, failed = [], False
         for key in args.models:
             variant = "tiny-pretrained" if key == "demo" else VARIANTS[key]
             px = 128 if key == "demo" else image_size
             if key not in checkpoints:
-                print(f"{key:<11} {variant:<16} {px:>5} {'-':>9} {depth:>6} {'-':>8} {'-':>8} {'-':>8} {'-':>9} {'-':>5}  {notes[key]}")
+                print(f"{key:<11} {variant:<16} {px:>5} {'-':>11} {depth:>6} {'-':>8} {'-':>8} {'-':>8} {'-':>9} {'-':>5}  {notes[key]}")
                 continue
             first_label = None
-            for precision in args.precisions:
-                out = work / "predictions" / f"{key}_{precision}"
+            if "onnxruntime" in args.engines:
+                print(trace_onnx(checkpoints[key], work, args, env))
+            for engine, precision in settings:
+                name = precision if engine == "torch" else engine
+                out = work / "predictions" / f"{key}_{name}"
                 shutil.rmtree(out, ignore_errors=True)
-                log = work / f"predict_{key}_{precision}.log"
+                log = work / f"predict_{key}_{name}.log"
                 load = os.getloadavg()[0]
                 options = [*(["--threads", str(args.threads)] if args.threads else []), *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
-                r = run_predict(checkpoints[key], ct, out, args.device, env, log, precision, options)
+                r = run_predict(checkpoints[key], ct, out, args.device, env, log, precision, options, engine)
                 label = next(out.glob("*.nii.gz"), out / "ct.nii.gz")  # named after the case (an nnU-Net channel suffix dropped)
                 problem = f"failed (rc {r['rc']}): see {log}" if r["rc"] else check_output(label, shape)
                 failed |= bool(problem)
@@ -357,12 +386,12 @@ def main() -> None:
                 peak = r["maxrss_kib"] * 1024 / 2**30
                 goal = GOALS.get(key)
                 note = problem or (f"goal {goal:.0f} s {'met' if r['wall'] <= goal else 'missed'}" if goal and full else "")
-                tag = ("demo" if key == "demo" else f"{key}_{px}") + ("" if precision == args.precisions[0] else f"_{precision}")
+                tag = ("demo" if key == "demo" else f"{key}_{px}") + ("" if (engine, precision) == settings[0] else f"_{name}")
                 dice = None
                 if not problem and first_label is not None:
                     dice = dice_per_class(label, first_label)
-                    note = (note + "; " if note else "") + "Dice vs " + args.precisions[0] + ": " + " ".join(f"{n} {d:.4f}" for n, d in dice.items())
-                print(f"{key:<11} {variant:<16} {px:>5} {precision:>9} {depth:>6} {r['wall']:>8.1f} {r['wall'] / depth:>8.3f} {r['cpu']:>8.1f} {peak:>9.2f} {load:>5.1f}  {note}")
+                    note = (note + "; " if note else "") + "Dice vs " + reference + ": " + " ".join(f"{n} {d:.4f}" for n, d in dice.items())
+                print(f"{key:<11} {variant:<16} {px:>5} {name:>11} {depth:>6} {r['wall']:>8.1f} {r['wall'] / depth:>8.3f} {r['cpu']:>8.1f} {peak:>9.2f} {load:>5.1f}  {note}")
                 print(f"    $ {r['command']}")
                 if not problem:
                     results.append(f"{tag}_s={r['wall']:.1f}")

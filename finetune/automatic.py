@@ -24,13 +24,15 @@ def has_class_prompts(model) -> bool:
     return hasattr(model, CLASS_PROMPTS)
 
 
-def class_low_res(model, family: ModelFamily, pixel_values: torch.Tensor, embeddings=None) -> torch.Tensor:
-    """B×3×S×S images -> B×K×s×s low-res logits (float32), one mask per class."""
+def class_low_res(model, family: ModelFamily, pixel_values: torch.Tensor, embeddings=None, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """B×3×S×S images -> B×K×s×s low-res logits (float32), one mask per class (``classes``: only
+    those class indexes, in that order)."""
     if not has_class_prompts(model):
         raise SamtuneError("this model has no class prompts: it was not trained with task: automatic or both.")
     if embeddings is None:
         embeddings = family.encode_images(model, pixel_values)
-    return family.decode_classes(model, embeddings, getattr(model, CLASS_PROMPTS)()).float()
+    tokens = getattr(model, CLASS_PROMPTS)()
+    return family.decode_classes(model, embeddings, tokens if classes is None else tokens[classes]).float()
 
 
 def class_logits(model, family: ModelFamily, pixel_values: torch.Tensor, embeddings=None) -> torch.Tensor:

@@ -53,7 +53,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe or folder / "recipe.yaml", args.overrides)
     loaded = api.load_model(folder, recipe, device=args.device)
     predict(loaded, args.input, args.out, args.prompts, series=args.series, output_format=args.output_format, resample=args.resample,
-            seg_type=args.seg_type, precision=args.precision, batch_size=args.batch_size)
+            seg_type=args.seg_type, precision=args.precision, batch_size=args.batch_size, engine=args.engine)
     return 0
 
 

@@ -146,6 +146,14 @@ class AutomaticSection(_Section):
     threshold: float = Field(0.5, gt=0, lt=1, description="fusion into one label map: each pixel takes the class of highest probability, or background when no class reaches this probability")
     class_weights: Optional[dict[str, float]] = Field(None, description="weight of each class in the automatic loss, by class name (default 1 each), e.g. `{kidney_left: 2.0}`")
     corrective_rounds: int = Field(0, ge=0, description="training: rounds after the class masks of a batch that each add one click from every class mask's error region and decode class prompt + clicks + the previous logits as mask prompt (corrections that start from the automatic result); their loss is added to the class loss. 0 = class prompts alone")
+    classes_per_step: Optional[int] = Field(None, ge=1, description="training: decode and score at most N class prompts per automatic step: the classes present in the batch first (a random N of them if more), then absent ones drawn at random (they learn to stay empty); the others are left out of that step's loss. The decoder's work falls with N (19 Cityscapes classes at N=8: measured in docs/howto/training.md); null = every class every step")
+
+    @model_validator(mode="after")
+    def _subset_without_corrections(self):
+        if self.classes_per_step is not None and self.corrective_rounds:
+            raise ValueError("automatic.classes_per_step with automatic.corrective_rounds > 0: the corrective rounds start from every "
+                             "class mask; set one of them (classes_per_step: null or corrective_rounds: 0)")
+        return self
 
     @field_validator("class_weights")
     @classmethod

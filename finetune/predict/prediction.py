@@ -37,6 +37,7 @@ from samtune.finetune.predict.label_files import label_classes, write_label_png,
 from samtune.finetune.checkpoints import read_classes
 from samtune.finetune.predict.prompt_file import Prompt, PromptSet, load_prompts
 from samtune.finetune.predict.propagation import SlicePrompt, make_propagator, predict_slice
+from samtune.finetune.predict.onnx_engine import ENGINES, onnx_family
 from samtune.finetune.runtime import autocast, inference_model, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,10 @@ class Predictor:
     BatchNorm folded, channels-last; a copy, the same numbers up to rounding). ``precision``:
     ``auto`` / ``fp32`` / ``bf16`` as ``train.precision`` (default: the recipe's), or ``int8``: the
     image encoder's Linear layers quantised (CPU). bf16 and int8 change the numbers (agreement with
-    fp32 in docs/howto/predict.md)."""
+    fp32 in docs/howto/predict.md). ``engine="onnxruntime"``: the image encoder and the class
+    decoder run in ONNX Runtime (``predict.onnx_engine``; CPU, float32)."""
 
-    def __init__(self, loaded, batch_size: int, threshold: float, precision: str | None = None):
+    def __init__(self, loaded, batch_size: int, threshold: float, precision: str | None = None, engine: str = "torch"):
         self.loaded = loaded
         self.model, self.family, self.device = loaded.model, loaded.family, loaded.device
         self.transform = loaded.transform()
@@ -94,6 +96,10 @@ class Predictor:
         if self.precision == "int8" and self.device.type != "cpu":
             raise SamtuneError(f"--precision int8 runs on the CPU only (dynamic int8 quantisation), not on {self.device}; use auto, fp32 or bf16 there.")
         self.model = inference_model(loaded.model, self.family, self.precision)
+        if engine not in ENGINES:
+            raise SamtuneError(f"--engine {engine}: not one of {', '.join(ENGINES)}.")
+        if engine == "onnxruntime":  # the family's encoder and class decoder answered by ONNX Runtime sessions
+            self.family = onnx_family(self.model, self.family, self.transform.image_size, self.device, self.precision)
         classes = read_classes(loaded.checkpoint)
         self.automatic = has_class_prompts(self.model)
         if classes is None:
@@ -167,14 +173,15 @@ def _check_pixel(prompt: Prompt, shape: tuple[int, int], name: str) -> None:
 def predict(
     loaded, inputs: list[str], out: str | Path, prompts_file: str | Path | None = None, *, batch_size: int | None = None, quiet: bool = False,
     series: str | None = None, output_format: str | None = None, resample: bool = False, seg_type: str = "BINARY", precision: str | None = None,
+    engine: str = "torch",
 ) -> list[dict]:
     """Predict every input; returns one summary record per input (also printed). Volume models
     also take DICOM series folders (``series``: the SeriesInstanceUID to read where a folder holds
     several; ``output_format``: nifti / dicom-seg / both; ``resample``: interpolate irregular
     series; ``seg_type``: BINARY or LABELMAP DICOM-SEG; ``samtune.finetune.predict.dicom_io``);
-    ``precision``: ``Predictor``'s (default: the recipe's ``train.precision``)."""
+    ``precision``, ``engine``: ``Predictor``'s (default: the recipe's ``train.precision``; PyTorch)."""
     recipe = loaded.recipe
-    predictor = Predictor(loaded, batch_size or recipe.eval.batch_size, recipe.automatic.threshold, precision)
+    predictor = Predictor(loaded, batch_size or recipe.eval.batch_size, recipe.automatic.threshold, precision, engine)
     prompts = load_prompts(prompts_file, predictor.space.names) if prompts_file else None
     if prompts is None and not predictor.automatic:
         raise SamtuneError(

@@ -96,10 +96,18 @@ class AutomaticLoss(torch.nn.Module):
         self.dice_weight, self.focal_weight, self.smooth, self.bce_weight = dice_weight, focal_weight, smooth, bce_weight
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(0), persistent=False)
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         """``logits`` B×K×S×S (float32), ``labels`` B×S×S class indexes (K background, 255 ignored);
         logits of a smaller size s×s (the decoder's own) are scored against area-averaged labels
-        (``class_targets``)."""
+        (``class_targets``). ``classes``: the logits are those of these class indexes only
+        (``automatic.classes_per_step``): the labels of every other class count as background."""
+        weights = self.class_weights
+        if classes is not None:
+            lookup = torch.full((256,), len(classes), dtype=torch.long, device=labels.device)  # label value -> index among `classes`
+            lookup[255] = 255
+            lookup[classes] = torch.arange(len(classes), device=labels.device)
+            labels = lookup[labels.long()]
+            weights = weights[classes] if weights.numel() else weights
         target, valid = class_targets(labels, logits.shape[1], tuple(logits.shape[-2:]))
         pixels = valid.sum().clamp(min=1.0)
         focal, bce = sigmoid_focal(logits, target)
@@ -110,5 +118,5 @@ class AutomaticLoss(torch.nn.Module):
         per_class = self.dice_weight * dice + self.focal_weight * focal
         if self.bce_weight:
             per_class = per_class + self.bce_weight * (bce * valid).sum((0, 2, 3)) / pixels
-        weights = self.class_weights if self.class_weights.numel() else torch.ones_like(per_class)
+        weights = weights if weights.numel() else torch.ones_like(per_class)
         return (per_class * weights).sum() / weights.sum().clamp(min=1e-12)

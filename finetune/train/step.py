@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from samtune import SamtuneError
-from samtune.adapters.family import ImageEmbeddings
+from samtune.adapters.family import CLASS_PROMPTS, ImageEmbeddings
 from samtune.datasets import sample as S
 from samtune.datasets import semantic as SEM
 from samtune.finetune.automatic import class_low_res
@@ -34,9 +34,13 @@ def prompted_loss(model, family, batch: dict, recipe: Recipe, use_box: bool, cli
 
 
 def automatic_loss(model, family, batch: dict, recipe: Recipe, loss_fn, embeddings=None, click_generator=None) -> torch.Tensor:
-    """The automatic path's loss: every class prompt on every image of the batch (+ the corrective
-    rounds' loss with ``automatic.corrective_rounds``)."""
-    rounds = recipe.automatic.corrective_rounds
+    """The automatic path's loss: every class prompt on every image of the batch, or the
+    ``automatic.classes_per_step`` of them ``step_classes`` picks (+ the corrective rounds' loss
+    with ``automatic.corrective_rounds``)."""
+    rounds, labels = recipe.automatic.corrective_rounds, batch[SEM.LABELS]
+    classes = None
+    if recipe.automatic.classes_per_step is not None:
+        classes = step_classes(labels, len(getattr(model, CLASS_PROMPTS)()), recipe.automatic.classes_per_step, click_generator)
     if rounds and embeddings is None:  # one encoder pass for the class masks and their corrections
         with autocast(batch[SEM.IMAGE].device, recipe.train.precision):
             embeddings = family.encode_images(model, batch[SEM.IMAGE])
@@ -45,11 +49,25 @@ def automatic_loss(model, family, batch: dict, recipe: Recipe, loss_fn, embeddin
         # whatever loss.resolution says for prompted masks: K masks per image upsampled to S×S
         # made the loss and its backward most of an automatic step (3× the step at s×s on the
         # Cityscapes demo, K = 19; docs/howto/training.md), for no better mIoU
-        logits = class_low_res(model, family, batch[SEM.IMAGE], embeddings=embeddings)
-    loss = loss_fn(logits, batch[SEM.LABELS])
+        logits = class_low_res(model, family, batch[SEM.IMAGE], embeddings=embeddings, classes=classes)
+    loss = loss_fn(logits, labels) if classes is None else loss_fn(logits, labels, classes)
     if rounds:
         loss = loss + corrective_loss(model, family, batch, recipe, loss_fn, embeddings, logits.detach(), click_generator)
     return loss
+
+
+def step_classes(labels: torch.Tensor, k: int, limit: int, generator: torch.Generator) -> torch.Tensor | None:
+    """The class indexes one automatic step trains (``automatic.classes_per_step``), sorted: the
+    classes present in ``labels`` (B×S×S, K background, 255 ignored) in a random order, then the
+    absent ones in a random order, the first ``limit`` of them; None when that is every class.
+    Present classes first: an absent class only learns to stay empty, which a few draws per step
+    teach as well as all of them."""
+    if limit >= k:
+        return None
+    present = torch.zeros(k + 1, dtype=torch.bool, device=labels.device)
+    present[labels[labels < k].long().unique()] = True
+    keys = torch.rand(k, generator=generator, device=generator.device).to(labels.device) + (~present[:k]).float()  # present: [0, 1), absent: [1, 2)
+    return keys.argsort()[:limit].sort().values
 
 
 def corrective_loss(model, family, batch: dict, recipe: Recipe, loss_fn, embeddings: ImageEmbeddings, low_res: torch.Tensor,

@@ -148,3 +148,53 @@ def test_the_class_loss_is_computed_on_the_decoder_logits_whatever_loss_resoluti
     assert seen == [(2, 2, 64, 64)]
     with torch.no_grad():
         torch.testing.assert_close(loss, AutomaticLoss(1.0, 20.0)(class_low_res(model, family, batch[SEM.IMAGE]), labels))
+
+
+def test_classes_per_step_decodes_that_many_class_prompts_and_scores_them_as_the_full_loss_would():
+    """automatic.classes_per_step: N of the K class prompts decoded; their loss is the full loss
+    restricted to those classes (the per-class terms do not depend on the other classes)."""
+    from samtune.datasets import semantic as SEM
+    from samtune.finetune.automatic import class_low_res
+    from samtune.finetune.train.losses import AutomaticLoss
+    from samtune.finetune.train.step import automatic_loss
+
+    torch.manual_seed(0)
+    recipe = validate_recipe({"task": "automatic", "data": {"kind": "nifti", "root": "-"}, "automatic": {"classes_per_step": 2}})
+    family = get_family("sam")
+    model = build_model("tiny", image_size=SIZE)
+    family.add_class_prompts(model, 5, 2)
+    labels = torch.full((2, SIZE, SIZE), 5, dtype=torch.uint8)  # background, with classes 1 and 3 present
+    labels[0, :20, :20], labels[1, 30:, 30:], labels[1, :4] = 1, 3, 255
+    batch = {SEM.IMAGE: torch.randn(2, 3, SIZE, SIZE), SEM.LABELS: labels}
+    decoded = []
+    original = family.decode_classes
+    family_spy = type("Spy", (), {"encode_images": family.encode_images,
+                                  "decode_classes": lambda self, m, e, t: decoded.append(len(t)) or original(m, e, t)})()  # fmt: skip
+    weights = torch.tensor([1.0, 2.0, 1.0, 0.5, 1.0])
+    loss = automatic_loss(model, family_spy, batch, recipe, AutomaticLoss(1.0, 20.0, weights), click_generator=torch.Generator().manual_seed(0))
+    assert decoded == [2]
+    with torch.no_grad():  # the present classes 1 and 3 were chosen: the full loss with every other class weighted 0
+        everything = class_low_res(model, family, batch[SEM.IMAGE])
+        only_1_3 = AutomaticLoss(1.0, 20.0, weights * torch.tensor([0.0, 1, 0, 1, 0]))(everything, labels)
+    torch.testing.assert_close(loss, only_1_3)
+
+
+def test_step_classes_puts_present_classes_first_then_fills_with_absent_ones():
+    from samtune.finetune.train.step import step_classes
+
+    labels = torch.full((1, 8, 8), 6, dtype=torch.uint8)  # K = 6, 6 = background
+    labels[0, 0, :3] = torch.tensor([0, 4, 255], dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        chosen = step_classes(labels, 6, 3, generator).tolist()
+        assert {0, 4} <= set(chosen) and len(set(chosen)) == 3 and chosen == sorted(chosen)
+    assert step_classes(labels, 6, 6, generator) is None  # every class: the usual step
+    draws = {tuple(step_classes(labels, 6, 1, generator).tolist()) for _ in range(30)}
+    assert draws == {(0,), (4,)}  # more present classes than N: a random N of them
+    first = step_classes(labels, 6, 3, torch.Generator().manual_seed(9))
+    assert torch.equal(first, step_classes(labels, 6, 3, torch.Generator().manual_seed(9)))  # the generator decides (exact resume)
+
+
+def test_classes_per_step_and_corrective_rounds_are_refused_together():
+    with pytest.raises(SamtuneError, match="classes_per_step with automatic.corrective_rounds"):
+        validate_recipe({"data": {"kind": "nifti", "root": "-"}, "automatic": {"classes_per_step": 4, "corrective_rounds": 1}})
