@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from samtune.adapters.family import ModelFamily
 
 # imported in this order on the first lookup: families and variants are listed in registration order
-BUILTIN = ("samtune.adapters.sam", "samtune.adapters.mobile_sam", "samtune.adapters.sam2")
+BUILTIN = ("samtune.adapters.sam", "samtune.adapters.mobile_sam", "samtune.adapters.sam2", "samtune.adapters.sam3",
+           "samtune.adapters.edgetam")
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 @dataclass
 class ImageEmbeddings:
     """What the image encoder hands to the decoder, one row per image (or per prompt after
-    ``repeat_interleave``): ``image_embeddings`` N×C×g×g, and the higher-resolution feature maps
-    that decoders such as SAM 2's also read (empty for SAM v1)."""
+    ``repeat_interleave``): ``image_embeddings`` N×C×g×g, and the other feature maps the family's
+    decoders read (empty for SAM v1; SAM 2: two finer maps; SAM 3: those two, then its concept
+    detector's three neck maps)."""
 
     image_embeddings: torch.Tensor
     high_res_features: tuple[torch.Tensor, ...] = field(default_factory=tuple)
@@ -103,6 +104,14 @@ def dense_prompt(prompt_encoder, mask_inputs: torch.Tensor | None, n: int, grid_
     return prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *grid_hw)
 
 
+def check_text_init(family: "ModelFamily") -> None:
+    """``automatic.init: text`` needs a family with a text encoder; the error names those that have one."""
+    if not family.has_text_encoder:
+        having = [n for n in list_families() if get_family(n).has_text_encoder]
+        raise SamtuneError(f"automatic.init=text: the {family.name} family has no text encoder to read class names with; "
+                           f"use automatic.init=random, or a family that has one ({', '.join(having) or 'none registered'}).")  # fmt: skip
+
+
 class ModelFamily(ABC):
     """The interface (abstract methods: what a new family must implement); ``SamFamily``
     (adapters/sam.py) is the first implementation.
@@ -119,6 +128,8 @@ class ModelFamily(ABC):
     lora_roles: dict[str, str] = {}  # role (samtune.constants.LORA_ROLES) -> module-name regex
     encoder_block: re.Pattern | None = None  # captures the block index of an encoder module name
     attention_kinds: tuple[str, ...] = ("sdpa",)  # `model.attention` values; the first is the default
+    lora_module_types: tuple[type, ...] = (torch.nn.Linear,)  # what LoRA may wrap (EdgeTAM's RepViT: also 1×1 Conv2d)
+    input_multiple: int = 1  # model.image_size must be a multiple of this (SAM 3: its 14 px patches)
 
     # --- building and files ---
     @abstractmethod
@@ -185,9 +196,29 @@ class ModelFamily(ABC):
         """Width C of the decoder's prompt tokens (what ``ClassPrompts`` must produce)."""
         ...
 
-    def add_class_prompts(self, model, n_classes: int, n_tokens: int, seed: int = 0) -> None:
-        """Give a base model its automatic-mode prompts (before peft wraps it or a checkpoint loads)."""
-        setattr(model, CLASS_PROMPTS, ClassPrompts(n_classes, n_tokens, self.prompt_dim(model), seed))
+    has_text_encoder: bool = False  # ``text_embeddings`` answers: ``automatic.init: text`` is possible
+
+    def text_embeddings(self, model, names: list[str], n_tokens: int) -> torch.Tensor | None:
+        """K×T×C class prompts read from the family's text encoder for the class ``names``
+        (``automatic.init: text``); None: the family has no text encoder."""
+        return None
+
+    def add_class_prompts(self, model, n_classes: int, n_tokens: int, seed: int = 0, class_names: list[str] | None = None,
+                          init: str = "random") -> None:  # fmt: skip
+        """Give a base model its automatic-mode prompts (before peft wraps it or a checkpoint loads).
+        ``init``: ``random`` (N(0, 1), seeded) or ``text`` (``text_embeddings`` of ``class_names``);
+        a checkpoint's values replace either when it loads, so loaders need only the shapes."""
+        prompts = ClassPrompts(n_classes, n_tokens, self.prompt_dim(model), seed)
+        if init == "text":
+            check_text_init(self)
+            if class_names is None or len(class_names) != n_classes:
+                raise SamtuneError(f"automatic.init=text needs one name per class ({n_classes}), got {class_names!r}.")
+            tokens = self.text_embeddings(model, list(class_names), n_tokens)
+            with torch.no_grad():
+                prompts.tokens.copy_(tokens.to(prompts.tokens.dtype))
+        elif init != "random":
+            raise SamtuneError(f"automatic.init={init!r}: use random or text.")
+        setattr(model, CLASS_PROMPTS, prompts)
 
     def upscale_logits(self, low_res: torch.Tensor, image_size: int) -> torch.Tensor:
         """N×M×s×s -> N×M×S×S logits in the padded input frame."""

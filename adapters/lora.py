@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from typing import Protocol, Sequence
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from samtune.adapters.family import ModelFamily
@@ -57,13 +56,15 @@ def _pattern(family: ModelFamily, options: LoraOptions) -> tuple[str, str]:
 
 
 def select_lora_modules(model, family: ModelFamily, options: LoraOptions) -> list[str]:
-    """Names of the Linear modules that get LoRA; an error if there are none."""
+    """Names of the modules that get LoRA (of the family's ``lora_module_types``: Linear layers, and
+    for EdgeTAM's RepViT also 1×1 convolutions); an error if there are none."""
     pattern, what = _pattern(family, options)
     try:
         regex = re.compile(pattern)
     except re.error as exc:
         raise SamtuneError(f"{what}: not a valid regular expression ({exc}).") from None
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and regex.fullmatch(n)]
+    kinds = family.lora_module_types
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds) and regex.fullmatch(n)]
     if options.blocks is not None:
         depth = family.encoder_depth(model)
         wanted = set()
@@ -73,9 +74,9 @@ def select_lora_modules(model, family: ModelFamily, options: LoraOptions) -> lis
             wanted.add(b % depth)
         names = [n for n in names if (block := family.block_index(n, model)) is None or block in wanted]
     if not names:
-        example = next((n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)), "?")
+        example = next((n for n, m in model.named_modules() if isinstance(m, kinds)), "?")
         raise SamtuneError(
-            f"{what}{f' with blocks {list(options.blocks)}' if options.blocks is not None else ''} matches no Linear "
+            f"{what}{f' with blocks {list(options.blocks)}' if options.blocks is not None else ''} matches no {'/'.join(k.__name__ for k in kinds)} "
             f"module of the model; module names look like {example!r} (roles: {', '.join(family.lora_roles)})."
         )
     return names

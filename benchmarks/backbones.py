@@ -6,12 +6,17 @@ as seconds and as a ratio to SAM ViT-B measured in the same run.
 Random weights (cost depends on shapes, not values), built from each family's architecture:
 ``sam-vit-base`` (ViT-B, ``encoder_speed.sam_config``), ``mobile-sam`` (TinyViT-5M,
 ``adapters.mobile_sam.mobile_sam_config``) and ``sam2-hiera-tiny|small|base-plus|large`` (SAM 2.1,
-``adapters.sam2_config.sam2_config``).
+``adapters.sam2_config.sam2_config``), ``edgetam`` (RepViT-M1 EdgeTAM, ``adapters.edgetam_config.edgetam_config``;
+its encoder's BatchNorm unfolded, as training runs it) and ``sam3`` (SAM 3 at the release's configuration,
+``adapters.sam3_config.released_config``; ~850 M parameters, so not in the default list, and its
+14 px patches need ``--image-size`` a multiple of 14: 448 suits every family).
 Timings interleave the backbones per repetition (median of ``--repeats``), so load on a shared
 machine hits all alike; on a shared CPU pass ``--threads 1``.
 
     .venv/bin/python benchmarks/backbones.py --threads 1                       # CPU, 512 px
     python benchmarks/backbones.py --device cuda --image-size 1024 --repeats 10
+    python benchmarks/backbones.py --device cuda --image-size 448 --models sam-vit-base sam2-hiera-tiny sam3
+    .venv/bin/python benchmarks/backbones.py --models mobile-sam edgetam --image-size 1024 --batch 1 --threads 1
 
 Last line: ``RESULT <name>_encoder_vs_vit_b=<ratio> <name>_step_vs_vit_b=<ratio> <name>_volume_vs_vit_b=<ratio> ...``
 (ratios of seconds: below 1 is faster than ViT-B).
@@ -58,6 +63,20 @@ def build(name: str, image_size: int) -> SamModel:
         model = Sam2Model(sam2_config(image_size, HIERA["hiera_" + name.removeprefix("sam2-hiera-").replace("-", "_")]))
         single_mask_token_only(model)
         return model
+    if name == "edgetam":  # EdgeTAM's image model: RepViT-M1 under SAM 2's neck and decoder (transformers EdgeTamModel)
+        from transformers import EdgeTamModel
+
+        from samtune.adapters.edgetam_config import edgetam_config, single_mask_token_only
+
+        model = EdgeTamModel(edgetam_config(image_size))
+        single_mask_token_only(model)
+        return model
+    if name == "sam3":  # SAM 3's image model (ViT 1024 × 32, detector, tracker, text encoder): adapters/sam3_model.py
+        from samtune.adapters.sam3 import _ready
+        from samtune.adapters.sam3_config import released_config
+        from samtune.adapters.sam3_model import Sam3Segmenter
+
+        return _ready(Sam3Segmenter(released_config(image_size)))
     raise ValueError(name)
 
 

@@ -50,8 +50,15 @@ from train_step import make_batch  # noqa: E402
 def build_architecture(recipe):
     """The recipe's model with random weights (same shapes as its checkpoint)."""
     variant = get_variant(recipe.model.name)
+    if variant.family == "sam3":  # SAM 3's image model at the release's configuration (adapters/sam3_model.py)
+        from samtune.adapters.sam3 import _ready
+        from samtune.adapters.sam3_config import released_config
+        from samtune.adapters.sam3_model import Sam3Segmenter
+
+        config = variant.make_config(image_size_of(recipe)) if variant.make_config is not None else released_config(image_size_of(recipe))
+        return _ready(Sam3Segmenter(config))
     if variant.family != "sam":
-        raise SystemExit(f"memory_estimate.py builds SAM ViT architectures; model.name={recipe.model.name!r} is of family {variant.family!r}")
+        raise SystemExit(f"memory_estimate.py builds SAM ViT and SAM 3 architectures; model.name={recipe.model.name!r} is of family {variant.family!r}")
     size = image_size_of(recipe)
     config = variant.make_config(size) if variant.make_config is not None else sam_config(variant.official_variant, size)
     return SamModel(config)

@@ -77,8 +77,15 @@ def weights_key(model, image_size: int) -> str:
     return digest.hexdigest()[:24]
 
 
+def _expm1(g, x):
+    """``aten::expm1`` for the TorchScript exporter, which has none at opset 17: exp(x) - 1 (SAM 3's
+    class logits use it; float32 rounding near x = 0 is the only difference)."""
+    return g.op("Sub", g.op("Exp", x), g.op("Constant", value_t=torch.tensor(1.0)))
+
+
 def _export(module: torch.nn.Module, inputs: tuple, names: list[str], outputs: list[str], path: Path) -> None:
     """Trace ``module`` into ``path`` (atomically: a temporary file renamed), batch axis dynamic."""
+    torch.onnx.register_custom_op_symbolic("aten::expm1", _expm1, OPSET)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -115,10 +122,32 @@ def export_graphs(model, family: ModelFamily, image_size: int, cache: Path) -> t
         _export(encoder, (pixels,), ["pixel_values"], feature_names, encoder_path)
         if decoder_path is not None:
             _export(_ClassDecoder(model, family).eval(), tuple(features), feature_names, ["class_logits"], decoder_path)
+        _check_graphs(model, family, encoder_path, decoder_path, image_size)
     except Exception as error:  # the tracer's errors name torch internals; say what to do instead
+        for path in (encoder_path, decoder_path):
+            if path is not None and path.exists():
+                path.unlink()
         raise SamtuneError(f"--engine onnxruntime: the {family.name} model could not be exported to ONNX ({type(error).__name__}: "
                            f"{str(error)[:300]}); use --engine torch.") from error  # fmt: skip
     return encoder_path, decoder_path
+
+
+def _check_graphs(model, family: ModelFamily, encoder_path: Path, decoder_path: Path | None, image_size: int) -> None:
+    """Run the new graphs on 3 images (traced with 2) against the family's PyTorch code: a tracer can
+    bake a shape into a graph (a reshape by the traced batch) and such a graph must not be cached."""
+    pixels = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    fast = OnnxFamily(family, encoder_path, decoder_path, torch.get_num_threads())
+    with torch.no_grad():
+        reference = family.encode_images(model, pixels)
+        got = fast.encode_images(model, pixels)
+        pairs = list(zip((got.image_embeddings, *got.high_res_features), (reference.image_embeddings, *reference.high_res_features)))
+        if decoder_path is not None:
+            tokens = getattr(model, CLASS_PROMPTS)()
+            pairs.append((fast.decode_classes(model, got, tokens), family.decode_classes(model, reference, tokens)))
+    for a, b in pairs:
+        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3):
+            raise ValueError(f"ONNX Runtime's output {tuple(a.shape)} differs from PyTorch's {tuple(b.shape)} "
+                             f"(max difference {(a.float() - b.float()).abs().max() if a.shape == b.shape else 'shape'})")  # fmt: skip
 
 
 class OnnxFamily:
@@ -150,7 +179,8 @@ class OnnxFamily:
         if self._decoder is None:  # no class prompts were exported: the family's own (which says so)
             return self._family.decode_classes(model, embeddings, class_tokens)
         features = (embeddings.image_embeddings, *embeddings.high_res_features)
-        feeds = {name: f.float().contiguous().numpy() for name, f in zip(self._feature_names, features)}
+        wanted = {i.name for i in self._decoder.get_inputs()}  # the tracer leaves out inputs a graph never reads (SAM 3: the tracker's map)
+        feeds = {name: f.float().contiguous().numpy() for name, f in zip(self._feature_names, features) if name in wanted}
         return torch.from_numpy(self._decoder.run(None, feeds)[0])
 
 

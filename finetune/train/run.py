@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from samtune import SamtuneError
-from samtune.adapters.family import ModelFamily
+from samtune.adapters.family import ModelFamily, check_text_init
 from samtune.adapters.lora import count_parameters, prepare_trainable
 from samtune.datasets import sample as S
 from samtune.datasets import semantic as SEM
@@ -136,6 +136,8 @@ def build_run(recipe: Recipe, ranks: Ranks = Ranks(), rank_device: torch.device 
     seed_everything(recipe.seed)
     device = rank_device or resolve_device(recipe.train.device)
     family = model_family(recipe)
+    if recipe.task != "promptable" and recipe.automatic.init == "text":
+        check_text_init(family)  # before any data or model is built
     check_precision(recipe.train.precision, device)  # warns about bf16 on a CPU that emulates it
     with main_first():  # rank 0 writes demo data and slice caches, the others then read them
         data = build_datasets(recipe, family.make_transform(image_size_of(recipe)), progress=ranks.main)
@@ -155,7 +157,8 @@ def build_trainable_model(recipe: Recipe, family: ModelFamily, data: DataBundle,
     recipe's other train.mode, on ``device``, compiled if asked; and its parameter counts."""
     base = build_base_model(recipe)
     if recipe.task != "promptable":
-        family.add_class_prompts(base, len(data.space.ids), recipe.automatic.tokens, seed=recipe.seed)
+        family.add_class_prompts(base, len(data.space.ids), recipe.automatic.tokens, seed=recipe.seed, class_names=data.space.names,
+                                 init=recipe.automatic.init)  # fmt: skip
     if recipe.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = prepare_trainable(base, family, recipe.train.mode, recipe.adapter.lora).to(device)

@@ -3,6 +3,7 @@ a prompted forward/backward, every LoRA preset and role, an adapter folder round
 
 from __future__ import annotations
 
+import math
 import pytest
 import torch
 from peft import PeftModel
@@ -13,7 +14,11 @@ from samtune.adapters.registry import build_model, get_variant, list_models
 from samtune.constants import LORA_PRESETS, LORA_ROLES
 from samtune.finetune.recipe import LoraSection
 
-SIZE = 64
+SIZE = 64  # input px, rounded up per family to a size it takes (ModelFamily.input_multiple: SAM 3's 14 px patches -> 70)
+
+
+def size_of(family) -> int:
+    return math.ceil(SIZE / family.input_multiple) * family.input_multiple
 
 
 def tiny_variant(family: str) -> str:
@@ -25,16 +30,16 @@ def tiny_variant(family: str) -> str:
 @pytest.fixture(params=list_families())
 def family_model(request):
     family = get_family(request.param)
-    return family, build_model(tiny_variant(request.param), image_size=SIZE)
+    return family, build_model(tiny_variant(request.param), image_size=size_of(family))
 
 
 def test_prompted_forward_backward_reaches_the_encoder(family_model):
     family, model = family_model
-    transform = family.make_transform(SIZE)
+    transform = family.make_transform(size_of(family))
     image = (torch.rand(40, 64, 3) * 255).to(torch.uint8).numpy()
     out = transform(image=image, mask=image[:, :, 0] > 128)
     h, w = transform.resized_shape((40, 64))  # SAM: longest side to S, padded (40×64); SAM 2: a square resize (64×64)
-    assert out["image"].shape == (SIZE, SIZE, 3) and max(h, w) == SIZE and (h, w) in {(40, 64), (SIZE, SIZE)}
+    assert out["image"].shape == (size_of(family), size_of(family), 3) and max(h, w) == size_of(family) and (h, w) in {(40, 64), (size_of(family), size_of(family))}
     pixels = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())[None]
     embeddings = family.encode_images(model, pixels.requires_grad_(False))
     assert isinstance(embeddings, ImageEmbeddings)
@@ -42,8 +47,8 @@ def test_prompted_forward_backward_reaches_the_encoder(family_model):
     boxes = torch.tensor([[4.0, 4.0, 30.0, 20.0], [10.0, 2.0, 60.0, 38.0]])
     low_res, iou = family.decode_prompts(model, repeated, boxes=boxes)
     assert low_res.shape[:2] == (2, 1) and iou.shape == (2, 1)
-    up = family.upscale_logits(low_res, SIZE)
-    assert up.shape == (2, 1, SIZE, SIZE)
+    up = family.upscale_logits(low_res, size_of(family))
+    assert up.shape == (2, 1, size_of(family), size_of(family))
     assert family.logits_to_original(up[0], (h, w), (80, 128)).shape == (80, 128)
     up.square().mean().backward()
     encoder_grads = [p.grad for n, p in model.named_parameters() if n.startswith(family.image_encoder + ".")]
@@ -80,13 +85,13 @@ def test_adapter_folder_round_trip(family_model, tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     wrapped.save_pretrained(tmp_path / "adapter")
-    loaded = PeftModel.from_pretrained(build_model(name, image_size=SIZE), str(tmp_path / "adapter")).eval()
-    pixels = torch.randn(1, 3, SIZE, SIZE)
+    loaded = PeftModel.from_pretrained(build_model(name, image_size=size_of(family)), str(tmp_path / "adapter")).eval()
+    pixels = torch.randn(1, 3, size_of(family), size_of(family))
     box = torch.tensor([[8.0, 8.0, 40.0, 40.0]])
     with torch.no_grad():
         a = family.decode_prompts(wrapped.eval(), family.encode_images(wrapped, pixels), boxes=box)[0]
         b = family.decode_prompts(loaded, family.encode_images(loaded, pixels), boxes=box)[0]
-        base = build_model(name, image_size=SIZE)
+        base = build_model(name, image_size=size_of(family))
         c = family.decode_prompts(base, family.encode_images(base, pixels), boxes=box)[0]
     torch.testing.assert_close(a, b)
     assert (a - c).abs().max() > 1e-4  # the adapter changed the output, and the folder carried it
@@ -96,7 +101,7 @@ def test_class_prompts_decode_every_class_and_train(family_model):
     """Automatic mode: K learnt prompts on every image in one decoder call, gradients reach them."""
     family, model = family_model
     family.add_class_prompts(model, 3, 2, seed=0)
-    pixels = torch.randn(2, 3, SIZE, SIZE)
+    pixels = torch.randn(2, 3, size_of(family), size_of(family))
     embeddings = family.encode_images(model, pixels)
     tokens = model.class_prompts()
     assert tokens.shape == (3, 2, family.prompt_dim(model))
@@ -119,7 +124,7 @@ def test_class_prompts_are_saved_in_the_adapter_and_load_with_plain_peft(family_
     trained = peft_model.class_prompts().detach().clone()
     assert any(p.requires_grad for n, p in peft_model.named_parameters() if "class_prompts" in n)
     peft_model.save_pretrained(tmp_path)
-    base = build_model(tiny_variant(family.name), image_size=SIZE)
+    base = build_model(tiny_variant(family.name), image_size=size_of(family))
     family.add_class_prompts(base, 4, 2, seed=5)  # another init: the folder's values must win
     loaded = PeftModel.from_pretrained(base, str(tmp_path))
     assert torch.equal(loaded.class_prompts(), trained)
@@ -135,7 +140,7 @@ def test_a_class_prompt_joins_clicks_and_a_mask_prompt_in_one_decoder_pass(famil
     low-res logits as mask prompt then change the answer, and gradients reach the class prompt."""
     family, model = family_model
     family.add_class_prompts(model, 3, 2, seed=0)
-    embeddings = family.encode_images(model, torch.randn(2, 3, SIZE, SIZE))
+    embeddings = family.encode_images(model, torch.randn(2, 3, size_of(family), size_of(family)))
     tokens = model.class_prompts()
     every_class = family.decode_classes(model, embeddings, tokens)  # 2×3×s×s
     alone, iou = family.decode_prompts(model, embeddings, class_tokens=tokens[1])  # T×C: one class for every row

@@ -52,9 +52,19 @@ def tiny_automatic_model(family_name: str, size: int | None = SIZE):
     return inference_model(model, family), family, size
 
 
+# families whose class decoder the TorchScript tracer bakes a batch size into (SAM 3's detector
+# reshapes by B×K read as numbers): refused at export with the way out, not cached
+NOT_TRACEABLE = {"sam3"}
+
+
 @pytest.mark.parametrize("family_name", list_families())
 def test_onnxruntime_gives_the_familys_embeddings_and_class_logits(family_name, tmp_path):
     model, family, size = tiny_automatic_model(family_name, None)
+    if family_name in NOT_TRACEABLE:
+        with pytest.raises(SamtuneError, match=f"the {family_name} model could not be exported to ONNX .*use --engine torch"):
+            E.onnx_family(model, family, size, torch.device("cpu"), "fp32", cache=tmp_path)
+        assert not list(tmp_path.glob("*.onnx"))  # nothing half-checked left in the cache
+        return
     fast = E.onnx_family(model, family, size, torch.device("cpu"), "fp32", cache=tmp_path)
     pixels = torch.randn(3, 3, size, size)  # traced with 2 images: the batch axis is free
     with torch.no_grad():
