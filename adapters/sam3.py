@@ -48,6 +48,11 @@ memory modules are left for the video model. Meta's own ``sam3.pt`` is refused w
 convert it: transformers' conversion script (convert_sam3_to_hf.py) is not in the wheel, and a
 key mapping guessed from module names could load wrong weights without an error.
 
+Memory propagation (``video_model``): transformers' ``Sam3TrackerVideoModel`` around this model's
+own ViT, tracker neck and tracker heads (shared, LoRA merged; adapters/sam3_video.py), its memory
+modules read from the same released folder or hub id, or at random init for random variants; a
+folder without them (a samtune export) is refused with ``eval.propagation=box`` as the way out.
+
 Export: ``hf`` writes ``Sam3Segmenter.save_pretrained`` (samtune's layout, LoRA merged; the
 ``Sam3VideoConfig`` in config.json). A ``Sam3VideoModel`` folder would need the memory modules.
 """
@@ -75,6 +80,7 @@ from samtune.adapters.sam3_config import (
     with_image_size,
 )
 from samtune.adapters.sam3_model import SAMTUNE_ONLY, Sam3Segmenter, identity_projection, samtune_key
+from samtune.adapters.sam3_video import RELEASED_PREFIX, memory_of_released, video_model_from
 from samtune.errors import SamtuneError
 
 # SAM 3's image processor: resize to S×S (no padding), mean 0.5 / std 0.5 on 0-1 RGB
@@ -206,10 +212,24 @@ class Sam3Family(ModelFamily):
 
     # --- volumes ---
     def video_model(self, model, variant: ModelVariant, checkpoint: str | None):
-        """None for now: volumes are followed slice by slice with boxes (``eval.propagation: box``).
-        transformers' ``Sam3TrackerVideoModel`` is the memory tracker to wire here, as for SAM 2
-        (adapters/sam2_video.py); not done yet, and not claimed."""
-        return None
+        """``Sam3TrackerVideoModel`` around the model's own modules (adapters/sam3_video.py), its memory
+        modules from the SAM 3 folder or hub id the model was built from (``tracker_model.memory_*`` ...
+        beside the image weights), or at random init for random variants."""
+        source = checkpoint if checkpoint is not None else variant.hub_id
+        if source is None:
+            return video_model_from(model)
+        way_out = "or use eval.propagation=box (slice by slice from the previous slice's box)"
+        try:
+            folder, files = _weight_files(source, variant.name)
+        except SamtuneError as exc:
+            raise SamtuneError(f"{exc}\nMemory propagation reads SAM 3's memory modules from there too: set model.checkpoint to a folder of "
+                               f"facebook/sam3, {way_out}.") from None  # fmt: skip
+        memory = memory_of_released(_tensors(files, RELEASED_PREFIX))
+        if not memory:
+            raise SamtuneError(f"{folder}: holds no memory modules of SAM 3's tracker (no {RELEASED_PREFIX}memory_* weights): it was "
+                               f"saved from an image model. Set model.checkpoint to a folder of facebook/sam3 (saved from Sam3VideoModel), "
+                               f"{way_out}.")  # fmt: skip
+        return video_model_from(model, memory)
 
     # --- what trains ---
     def trainable_modules(self, mode: str, model=None) -> tuple[str, ...]:
@@ -312,6 +332,17 @@ def _weight_files(source: str, name: str) -> tuple[Path, list[Path]]:
     if not (path / "config.json").is_file() or not files:
         raise SamtuneError(f"{path}: not a Hugging Face folder of SAM 3 (needs config.json and *.safetensors).")
     return path, files
+
+
+def _tensors(files: list[Path], prefix: str):
+    """(key, tensor) of every weight under ``prefix`` in safetensors files, reading no other tensor."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():
+                if key.startswith(prefix):
+                    yield key, handle.get_tensor(key)
 
 
 def load_released(source: str, name: str, image_size: int) -> Sam3Segmenter:

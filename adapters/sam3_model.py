@@ -20,7 +20,7 @@ seam asks for:
     prompt_encoder, shared_image_embedding, mask_decoder, no_memory_embedding  (tracker_model.*)
 
 ``released_key`` / ``samtune_key`` map between the two layouts; the tracker's memory modules
-(``tracker_model.memory_*`` ...) belong to the video tracker, which samtune does not build yet.
+(``tracker_model.memory_*`` ...) belong to the video tracker (adapters/sam3_video.py).
 
 Both necks have four levels (strides 14/4, 14/2, 14 and 28 px); like transformers' Sam3Model and
 Sam3VideoModel, samtune runs the first three only (the 28 px level is never read).

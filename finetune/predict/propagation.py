@@ -7,10 +7,11 @@ Two ways, chosen by ``eval.propagation`` (``auto``: memory where the model famil
   both directions, from the bounding box of the mask predicted on the slice before it (grown by
   ``MARGIN``); the object
   ends at the first slice predicted empty. No memory: each slice sees only a box.
-- ``memory`` (SAM 2 and EdgeTAM families): SAM 2's video tracker (``transformers.Sam2VideoModel``,
-  or ``EdgeTamVideoModel``, whose memory attention reads perceiver-compressed memories) with the
-  slices as frames: the prompted slice is segmented from its prompt and written to the memory bank;
-  every other slice is segmented from the image features conditioned on the memories of the slices
+- ``memory`` (SAM 2, EdgeTAM and SAM 3 families): SAM 2's video tracker (``transformers.Sam2VideoModel``,
+  ``EdgeTamVideoModel``, whose memory attention reads perceiver-compressed memories, or
+  ``Sam3TrackerVideoModel`` on SAM 3's tracker neck: adapters/sam3_video.py) with the slices as
+  frames: the prompted slice is segmented from its prompt and written to the memory bank; every
+  other slice is segmented from the image features conditioned on the memories of the slices
   already done (memory attention), going away from the prompted slice one way, then the other. The
   tracker's object score blanks slices where it judges the object absent.
 
@@ -105,9 +106,11 @@ def box_propagation(predict: Callable, load: Callable[[int], np.ndarray], depth:
 
 
 class MemoryTracker:
-    """SAM 2's video tracker (or EdgeTAM's) over the slices of one volume at a time (see the module
-    docstring). Both take the same inference session: transformers defines EdgeTAM's as SAM 2's with
-    nothing added (modular_edgetam_video.py: ``EdgeTamVideoInferenceSession(Sam2VideoInferenceSession)``)."""
+    """SAM 2's video tracker (or EdgeTAM's, or SAM 3's) over the slices of one volume at a time (see
+    the module docstring). All three take the same inference session: transformers defines EdgeTAM's
+    and SAM 3's as SAM 2's with nothing added (modular_edgetam_video.py, modular_sam3_tracker_video.py:
+    ``...InferenceSession(Sam2VideoInferenceSession): pass``); how a family's tracker computes its
+    image features is the family's (``ModelFamily.video_model``), behind the same ``get_image_features``."""
 
     def __init__(self, video_model, family, transform, device):
         self.video_model, self.family, self.transform, self.device = video_model.to(device).eval(), family, transform, device
@@ -163,7 +166,7 @@ def make_propagator(kind: str, model, family, variant, checkpoint, transform, de
 
     video = family.video_model(model, variant, checkpoint) if kind in ("auto", "memory") else None
     if kind == "memory" and video is None:
-        raise SamtuneError(f"eval.propagation=memory: the {family.name} family has no memory (SAM 2 and EdgeTAM families have); use box or auto.")
+        raise SamtuneError(f"eval.propagation=memory: the {family.name} family has no memory (SAM 2, EdgeTAM and SAM 3 families have); use box or auto.")
     if video is not None:
         return MemoryTracker(video, family, transform, device), "memory"
 

@@ -12,18 +12,26 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from transformers import Sam3Config, Sam3Model, Sam3TrackerConfig, Sam3TrackerModel, Sam3VideoModel
+from safetensors.torch import save_file
+from transformers import Sam3Config, Sam3Model, Sam3TrackerConfig, Sam3TrackerModel, Sam3TrackerVideoModel, Sam3VideoModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from samtune import SamtuneError
+from samtune.adapters.export import merge_model
 from samtune.adapters.family import get_family
-from samtune.adapters.registry import build_model
+from samtune.adapters.lora import apply_lora
+from samtune.adapters.registry import build_model, get_variant
 from samtune.adapters.sam3 import PROBABILITY_FLOOR, concept_logits
 from samtune.adapters.sam3_config import ByteTokenizer, last_tokens, name_features, released_config
 from samtune.adapters.sam3_model import Sam3Segmenter, released_key, samtune_key
+from samtune.adapters.sam3_video import IMAGE_MODULES, is_memory_key, video_model_from
 from samtune.finetune.automatic import fuse
+from samtune.finetune.predict.propagation import MemoryTracker, SlicePrompt, make_propagator, pixels, prompt_in_input
+from samtune.finetune.recipe import LoraSection
+from samtune.finetune.runtime import inference_model
 
 KEY_LIST = Path(__file__).parent / "data" / "sam3_released_shapes.json"
 SIZE = 112
@@ -193,3 +201,116 @@ def test_full_size_without_weights_says_set_model_checkpoint(monkeypatch, tmp_pa
         build_model("sam3", checkpoint=official)
     with pytest.raises(SamtuneError, match="multiple of its 14 px patches"):
         build_model("sam3-tiny-random", image_size=64)
+
+
+# --- memory propagation (adapters/sam3_video.py) ---------------------------------------------------
+
+
+def randomise(model: Sam3Segmenter, seed: int = 0) -> Sam3Segmenter:
+    """Noise on every weight, so that no zero table (``no_memory_embedding``) or small init hides a mistake."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
+    return model.eval()
+
+
+def test_video_model_shares_the_merged_modules_and_tracks_through_a_volume(tiny):
+
+    family, model = tiny
+    wrapped = apply_lora(build_model("sam3-tiny-random", image_size=SIZE), family, LoraSection(preset="encoder_mlp"))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    merged = merge_model(wrapped)  # what samtune predict runs (finetune.runtime.inference_model merges LoRA first)
+    tracker, way = make_propagator("auto", merged, family, get_variant("sam3-tiny-random"), None, family.make_transform(SIZE), torch.device("cpu"))
+    assert way == "memory" and isinstance(tracker, MemoryTracker) and isinstance(tracker.video_model, Sam3TrackerVideoModel)
+    video = tracker.video_model
+    assert video.vision_encoder.backbone is merged.vision_encoder.backbone and video.vision_encoder.neck is merged.vision_encoder.tracker_neck
+    assert all(getattr(video, name) is getattr(merged, name) for name in IMAGE_MODULES)
+    ours = {t.data_ptr() for t in merged.state_dict().values()}
+    shared = [k for k in video.state_dict() if not is_memory_key(k)]
+    assert shared and all(video.state_dict()[k].data_ptr() in ours for k in shared)  # the same tensors, not copies
+    assert any(k.startswith("memory_attention.") for k in video.state_dict()) and video.config.memory_attention_num_layers == 1
+    order, forward = [], video.forward
+
+    def spy(*args, **kwargs):
+        order.append(kwargs["frame_idx"])
+        return forward(*args, **kwargs)
+
+    video.forward = spy
+    slices = np.random.default_rng(0).integers(0, 255, (5, 48, 40), dtype=np.uint8)
+    volume = tracker(lambda z: slices[z], 5, SlicePrompt(1, box=np.array([8.0, 10, 30, 40])))
+    assert volume.shape == (5, 48, 40) and volume.dtype == bool and order == [1, 1, 2, 3, 4, 1, 0]
+
+
+def test_the_tracker_of_a_prediction_model_segments_the_prompted_slice_as_the_image_model_does(tiny):
+    """``samtune predict`` hands over its inference model (a copy, channels-last): the tracker runs
+    those very modules, and its prompted slice is the image model's ``decode_prompts`` mask."""
+    family, _ = tiny
+    model = randomise(build_model("sam3-tiny-random", image_size=SIZE))
+    with torch.no_grad():  # the object present on every slice: an absent one has its masks replaced by -1024 (SAM 2's NO_OBJ_SCORE)
+        model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)
+    ready = inference_model(model, family)
+    transform = family.make_transform(SIZE)
+    tracker, _ = make_propagator("memory", ready, family, get_variant("sam3-tiny-random"), None, transform, torch.device("cpu"))
+    assert tracker.video_model.vision_encoder.backbone is ready.vision_encoder.backbone
+    outputs, forward = {}, tracker.video_model.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        outputs.setdefault(kwargs["frame_idx"], out.pred_masks.clone())
+        return out
+
+    tracker.video_model.forward = spy
+    slices = np.random.default_rng(1).integers(0, 255, (4, 48, 40), dtype=np.uint8)
+    box = np.array([8.0, 10, 30, 40])
+    tracker(lambda z: slices[z], 4, SlicePrompt(2, box=box))
+    box_in, _ = prompt_in_input(transform, (48, 40), box, None)
+    with torch.no_grad():
+        embeddings = family.encode_images(model, pixels(transform, slices[2])[None])
+        low_res, _ = family.decode_prompts(model, embeddings, torch.tensor(box_in[None], dtype=torch.float32))
+    assert low_res.abs().max() > 1e-1
+    torch.testing.assert_close(outputs[2][0], low_res[0], atol=1e-4, rtol=0)
+    assert not torch.allclose(outputs[3][0], low_res[0], atol=1e-2)  # the next slice: another image, through the memory
+
+
+def released_folder(model: Sam3Segmenter, memory: dict, folder: Path) -> Path:
+    """A folder in the released layout (``Sam3VideoModel``'s key names, what facebook/sam3 holds):
+    the image model's weights renamed by ``released_key``, ``memory`` under ``tracker_model.``."""
+
+    state = {released_key(k): v for k, v in model.state_dict().items() if released_key(k) is not None}
+    state.update({f"tracker_model.{k}": v for k, v in memory.items()})
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_memory_modules_come_from_the_released_folder_and_a_folder_without_them_is_refused(tiny, tmp_path):
+    family, model = tiny[0], build_model("sam3-tiny-random", image_size=SIZE)  # the fixture's may carry class prompts by now
+    variant = get_variant("sam3-tiny-random")
+    reference = video_model_from(randomise(build_model("sam3-tiny-random", image_size=SIZE, init_seed=3)))
+    memory = {k: v for k, v in reference.state_dict().items() if is_memory_key(k)}
+    folder = released_folder(model, memory, tmp_path / "sam3")
+    loaded = build_model("sam3-tiny-random", folder, image_size=SIZE)  # the image model reads the same folder, memory left out
+    video = family.video_model(loaded, variant, str(folder))
+    ours = video.state_dict()
+    assert memory and all(torch.equal(ours[k], v) for k, v in memory.items())
+    family.export(model, "hf", tmp_path / "image")  # samtune's export: the image model only
+    with pytest.raises(SamtuneError, match=r"(?s)holds no memory modules.*eval.propagation=box"):
+        family.video_model(model, variant, str(tmp_path / "image"))
+    with pytest.raises(SamtuneError, match=r"(?s)no such folder.*eval.propagation=box"):
+        family.video_model(model, variant, str(tmp_path / "missing"))
+
+
+def test_the_released_memory_keys_are_the_trackers_memory_modules():
+    """At the release's configuration, the stored list's memory keys (``samtune_key`` None) are exactly
+    ``Sam3TrackerVideoModel``'s memory modules under ``tracker_model.``, with the same shapes."""
+    stored = json.loads(KEY_LIST.read_text())["shapes"]
+    with torch.device("meta"):
+        video = Sam3TrackerVideoModel(released_config().tracker_config, remove_vision_encoder=True)
+    memory = {f"tracker_model.{k}": list(v.shape) for k, v in video.state_dict().items() if is_memory_key(k)}
+    assert memory == {k: v for k, v in stored.items() if samtune_key(k) is None}
