@@ -80,10 +80,11 @@ def test_adapter_folder_round_trip(family_model, tmp_path):
     family, model = family_model
     name = tiny_variant(family.name)
     wrapped = apply_lora(model, family, LoraSection(preset="encoder_all_linear"))
+    torch.manual_seed(0)
     with torch.no_grad():  # make the adapter non-trivial: LoRA B starts at zero
         for n, p in wrapped.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.05)
+                p.normal_(0, 0.5)
     wrapped.save_pretrained(tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(build_model(name, image_size=size_of(family)), str(tmp_path / "adapter")).eval()
     pixels = torch.randn(1, 3, size_of(family), size_of(family))
@@ -94,7 +95,9 @@ def test_adapter_folder_round_trip(family_model, tmp_path):
         base = build_model(name, image_size=size_of(family))
         c = family.decode_prompts(base, family.encode_images(base, pixels), boxes=box)[0]
     torch.testing.assert_close(a, b)
-    assert (a - c).abs().max() > 1e-4  # the adapter changed the output, and the folder carried it
+    # the adapter changed the output (by more than 1 % of its scale: random tiny models' logits can
+    # be small, SAM 3's are about 1e-2), and the folder carried it
+    assert (a - c).abs().max() > 0.01 * c.abs().max()
 
 
 def test_class_prompts_decode_every_class_and_train(family_model):
