@@ -106,3 +106,17 @@ def load_exactly(model, state: dict, source: str, what: str, fix: str, *, unknow
     if left_on_meta:
         raise CheckpointError(f"{source}: no values for {left_on_meta[:10]}. {fix}")
     return model
+
+
+def load_part(model, tensors: dict, belongs, what: str) -> None:
+    """Load ``tensors`` into the part of ``model`` whose state-dict keys satisfy ``belongs`` (a video
+    tracker's memory modules, beside modules it shares with the image model): exactly those keys,
+    with their shapes, or a ``CheckpointError`` saying they do not fit ``what``."""
+    expected = {k for k in model.state_dict() if belongs(k)}
+    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"the memory modules do not fit {what}: missing {missing[:8]}, unexpected {unexpected[:8]}.")
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # shapes
+        raise CheckpointError(f"the memory modules do not fit {what}: {exc}") from None

@@ -53,7 +53,7 @@ import torch
 from transformers import EdgeTamConfig, EdgeTamModel
 
 from samtune.adapters.catalog import ModelVariant, register_family, register_model
-from samtune.adapters.checkpoint_files import CheckpointError, load_exactly, load_state_dict_file
+from samtune.adapters.checkpoint_files import CheckpointError, load_exactly, load_part, load_state_dict_file
 from samtune.adapters.edgetam_config import (
     REPVIT_ARCHITECTURES,
     TINY_MEMORY,
@@ -305,14 +305,7 @@ def video_model_from(image_model, memory: dict | None = None, **fields):
     for name in IMAGE_MODULES:
         setattr(video, name, getattr(image, name))
     if memory is not None:
-        expected = {k for k in video.state_dict() if is_video_only_edgetam(k)}
-        missing, unexpected = sorted(expected - memory.keys()), sorted(memory.keys() - expected)
-        if missing or unexpected:
-            raise CheckpointError(f"the memory modules do not fit this EdgeTAM video model: missing {missing[:8]}, unexpected {unexpected[:8]}.")
-        try:
-            video.load_state_dict(memory, strict=False)
-        except RuntimeError as exc:  # shapes
-            raise CheckpointError(f"the memory modules do not fit this EdgeTAM video model: {exc}") from None
+        load_part(video, memory, is_video_only_edgetam, "this EdgeTAM video model")
     return video.eval()
 
 

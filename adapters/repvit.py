@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from samtune.adapters.tiny_vit import ConvBN
+
 
 @dataclass(frozen=True)
 class RepViTLayout:
@@ -69,16 +71,9 @@ def se_width(channels: int) -> int:
     return max(8, int(channels / 4 + 4) // 8 * 8)
 
 
-class ConvNorm(nn.Sequential):
-    """Conv2d without bias followed by BatchNorm2d (keys ``c.weight``, ``bn.*``)."""
-
-    def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1, stride: int = 1, padding: int = 0, groups: int = 1,
-                 bn_weight_init: float = 1.0):  # fmt: skip
-        super().__init__()
-        self.add_module("c", nn.Conv2d(in_chans, out_chans, kernel_size, stride, padding, groups=groups, bias=False))
-        self.add_module("bn", nn.BatchNorm2d(out_chans))
-        nn.init.constant_(self.bn.weight, bn_weight_init)
-        nn.init.zeros_(self.bn.bias)
+# Conv2d without bias + BatchNorm2d (keys ``c.weight``, ``bn.*``): TinyViT's ConvBN is the same block
+# with the same key names, as in timm's RepViT
+ConvNorm = ConvBN
 
 
 class RepVggDw(nn.Module):

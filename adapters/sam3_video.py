@@ -32,7 +32,7 @@ from torch import nn
 from transformers import Sam3TrackerVideoModel
 from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoVisionEncoderOutput
 
-from samtune.adapters.checkpoint_files import CheckpointError
+from samtune.adapters.checkpoint_files import load_part
 
 # Sam3Segmenter's top-level modules that Sam3TrackerVideoModel has under the same name (same code:
 # transformers' Sam3Tracker* and Sam3TrackerVideo* prompt encoder and mask decoder are both SAM 2's)
@@ -86,12 +86,5 @@ def video_model_from(image_model, memory: dict[str, torch.Tensor] | None = None)
     for name in IMAGE_MODULES:
         setattr(video, name, getattr(image, name))
     if memory is not None:
-        expected = {k for k in video.state_dict() if is_memory_key(k)}
-        missing, unexpected = sorted(expected - memory.keys()), sorted(memory.keys() - expected)
-        if missing or unexpected:
-            raise CheckpointError(f"the memory modules do not fit this SAM 3 tracker: missing {missing[:8]}, unexpected {unexpected[:8]}.")
-        try:
-            video.load_state_dict(memory, strict=False)
-        except RuntimeError as exc:  # shapes
-            raise CheckpointError(f"the memory modules do not fit this SAM 3 tracker: {exc}") from None
+        load_part(video, memory, is_memory_key, "this SAM 3 tracker")
     return video.eval()

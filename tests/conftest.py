@@ -240,3 +240,35 @@ def both_task_run(phantom_template, tmp_path_factory) -> tuple[Path, Path]:
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["-q", "train", str(tmp / "recipe.yaml")]) == 0
     return tmp / "recipe.yaml", tmp / "run"
+
+
+@pytest.fixture
+def tracked_slices():
+    """A function ``(tracker, model, family, transform, prompted=1) -> (tracker masks by slice,
+    image-model mask)``: a memory tracker (``make_propagator("memory", ...)``) run through a random
+    4-slice volume from one box on slice ``prompted``, its low-res masks recorded per slice, and
+    what the image model's ``decode_prompts`` gives for the same box on that slice. The prompted
+    slice of a tracker holding the image model's weights must equal the latter."""
+    import torch
+
+    from samtune.finetune.predict.propagation import SlicePrompt, pixels, prompt_in_input
+
+    def run(tracker, model, family, transform, prompted: int = 1):
+        outputs, forward = {}, tracker.video_model.forward
+
+        def spy(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            outputs.setdefault(kwargs["frame_idx"], out.pred_masks.clone())
+            return out
+
+        tracker.video_model.forward = spy
+        slices = np.random.default_rng(1).integers(0, 255, (4, 48, 40), dtype=np.uint8)
+        box = np.array([8.0, 10, 30, 40])
+        tracker(lambda z: slices[z], 4, SlicePrompt(prompted, box=box))
+        box_in, _ = prompt_in_input(transform, (48, 40), box, None)
+        with torch.no_grad():
+            embeddings = family.encode_images(model, pixels(transform, slices[prompted])[None])
+            low_res, _ = family.decode_prompts(model, embeddings, torch.tensor(box_in[None], dtype=torch.float32))
+        return {z: m[0] for z, m in outputs.items()}, low_res[0]
+
+    return run

@@ -384,10 +384,10 @@ def test_video_model_holds_the_merged_image_weights_and_tracks_through_a_volume(
     assert volume.shape == (5, 48, 40) and volume.dtype == bool and order == [1, 1, 2, 3, 4, 1, 0]
 
 
-def test_the_tracker_of_a_prediction_model_segments_the_prompted_slice_as_the_image_model_does(tiny):
+def test_the_tracker_of_a_prediction_model_segments_the_prompted_slice_as_the_image_model_does(tiny, tracked_slices):
     """``samtune predict`` hands over its inference model (BatchNorm folded into RepViT's convolutions,
     channels-last): the tracker runs those very modules, and its prompted slice is the image model's mask."""
-    from samtune.finetune.predict.propagation import SlicePrompt, make_propagator, pixels, prompt_in_input
+    from samtune.finetune.predict.propagation import make_propagator
     from samtune.finetune.runtime import inference_model
 
     ready = inference_model(randomise(tiny), FAMILY)
@@ -395,23 +395,9 @@ def test_the_tracker_of_a_prediction_model_segments_the_prompted_slice_as_the_im
     transform = FAMILY.make_transform(SIZE)
     tracker, _ = make_propagator("memory", ready, FAMILY, get_variant("edgetam-tiny-random"), None, transform, torch.device("cpu"))
     assert tracker.video_model.vision_encoder is ready.vision_encoder
-    outputs, forward = {}, tracker.video_model.forward
-
-    def spy(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        outputs.setdefault(kwargs["frame_idx"], out.pred_masks.clone())
-        return out
-
-    tracker.video_model.forward = spy
-    slices = np.random.default_rng(1).integers(0, 255, (4, 48, 40), dtype=np.uint8)
-    box = np.array([8.0, 10, 30, 40])
-    tracker(lambda z: slices[z], 4, SlicePrompt(1, box=box))
-    box_in, _ = prompt_in_input(transform, (48, 40), box, None)
-    with torch.no_grad():
-        embeddings = FAMILY.encode_images(tiny, pixels(transform, slices[1])[None])
-        low_res, _ = FAMILY.decode_prompts(tiny, embeddings, torch.tensor(box_in[None], dtype=torch.float32))
-    assert low_res.abs().max() > 1e-2
-    torch.testing.assert_close(outputs[1][0], low_res[0], atol=1e-4, rtol=0)
+    tracked, image_mask = tracked_slices(tracker, tiny, FAMILY, transform)
+    assert image_mask.abs().max() > 1e-2
+    torch.testing.assert_close(tracked[1], image_mask, atol=1e-4, rtol=0)
 
 
 def test_memory_modules_come_from_a_folder_saved_from_the_video_model(tiny, tmp_path):

@@ -29,7 +29,7 @@ from samtune.adapters.sam3_config import ByteTokenizer, last_tokens, name_featur
 from samtune.adapters.sam3_model import Sam3Segmenter, released_key, samtune_key
 from samtune.adapters.sam3_video import IMAGE_MODULES, is_memory_key, video_model_from
 from samtune.finetune.automatic import fuse
-from samtune.finetune.predict.propagation import MemoryTracker, SlicePrompt, make_propagator, pixels, prompt_in_input
+from samtune.finetune.predict.propagation import MemoryTracker, SlicePrompt, make_propagator
 from samtune.finetune.recipe import LoraSection
 from samtune.finetune.runtime import inference_model
 
@@ -246,7 +246,7 @@ def test_video_model_shares_the_merged_modules_and_tracks_through_a_volume(tiny)
     assert volume.shape == (5, 48, 40) and volume.dtype == bool and order == [1, 1, 2, 3, 4, 1, 0]
 
 
-def test_the_tracker_of_a_prediction_model_segments_the_prompted_slice_as_the_image_model_does(tiny):
+def test_the_tracker_of_a_prediction_model_segments_the_prompted_slice_as_the_image_model_does(tiny, tracked_slices):
     """``samtune predict`` hands over its inference model (a copy, channels-last): the tracker runs
     those very modules, and its prompted slice is the image model's ``decode_prompts`` mask."""
     family, _ = tiny
@@ -257,24 +257,10 @@ def test_the_tracker_of_a_prediction_model_segments_the_prompted_slice_as_the_im
     transform = family.make_transform(SIZE)
     tracker, _ = make_propagator("memory", ready, family, get_variant("sam3-tiny-random"), None, transform, torch.device("cpu"))
     assert tracker.video_model.vision_encoder.backbone is ready.vision_encoder.backbone
-    outputs, forward = {}, tracker.video_model.forward
-
-    def spy(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        outputs.setdefault(kwargs["frame_idx"], out.pred_masks.clone())
-        return out
-
-    tracker.video_model.forward = spy
-    slices = np.random.default_rng(1).integers(0, 255, (4, 48, 40), dtype=np.uint8)
-    box = np.array([8.0, 10, 30, 40])
-    tracker(lambda z: slices[z], 4, SlicePrompt(2, box=box))
-    box_in, _ = prompt_in_input(transform, (48, 40), box, None)
-    with torch.no_grad():
-        embeddings = family.encode_images(model, pixels(transform, slices[2])[None])
-        low_res, _ = family.decode_prompts(model, embeddings, torch.tensor(box_in[None], dtype=torch.float32))
-    assert low_res.abs().max() > 1e-1
-    torch.testing.assert_close(outputs[2][0], low_res[0], atol=1e-4, rtol=0)
-    assert not torch.allclose(outputs[3][0], low_res[0], atol=1e-2)  # the next slice: another image, through the memory
+    tracked, image_mask = tracked_slices(tracker, model, family, transform, prompted=2)
+    assert image_mask.abs().max() > 1e-1
+    torch.testing.assert_close(tracked[2], image_mask, atol=1e-4, rtol=0)
+    assert not torch.allclose(tracked[3], image_mask, atol=1e-2)  # the next slice: another image, through the memory
 
 
 def released_folder(model: Sam3Segmenter, memory: dict, folder: Path) -> Path:

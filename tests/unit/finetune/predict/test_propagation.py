@@ -117,28 +117,11 @@ def test_evaluate_scores_propagation_per_case_beside_slice_prompts(both_task_run
     assert "PROPAGATED validation (box" in printed and "Dice, box on every slice" in printed
 
 
-def test_the_tracker_segments_the_prompted_slice_as_the_image_model_does(sam2):
+def test_the_tracker_segments_the_prompted_slice_as_the_image_model_does(sam2, tracked_slices):
     """The same weights, the same box, the same single-mask token: the video tracker's prompted
     slice equals the fine-tuned image model's prediction (its other slices add the memory)."""
-    from samtune.finetune.predict.propagation import pixels, prompt_in_input
-
     model, family = sam2
     transform = family.make_transform(64)
     tracker, _ = make_propagator("memory", model, family, get_variant("sam2-tiny-random"), None, transform, torch.device("cpu"))
-    outputs = {}
-    forward = tracker.video_model.forward
-
-    def spy(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        outputs.setdefault(kwargs["frame_idx"], out.pred_masks.clone())
-        return out
-
-    tracker.video_model.forward = spy
-    slices = np.random.default_rng(1).integers(0, 255, (4, 48, 40), dtype=np.uint8)
-    box = np.array([8.0, 10, 30, 40])
-    tracker(lambda z: slices[z], 4, SlicePrompt(1, box=box))
-    box_in, _ = prompt_in_input(transform, (48, 40), box, None)
-    with torch.no_grad():
-        embeddings = family.encode_images(model, pixels(transform, slices[1])[None])
-        low_res, _ = family.decode_prompts(model, embeddings, torch.tensor(box_in[None], dtype=torch.float32))
-    torch.testing.assert_close(outputs[1][0], low_res[0], atol=1e-5, rtol=0)
+    tracked, image_mask = tracked_slices(tracker, model, family, transform)
+    torch.testing.assert_close(tracked[1], image_mask, atol=1e-5, rtol=0)
