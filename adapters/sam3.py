@@ -45,7 +45,8 @@ for ``automatic.init: text``.
 Weights. A Hugging Face folder (or ``facebook/sam3`` when online) saved from ``Sam3VideoModel`` is
 read with safetensors and renamed into samtune's layout (``sam3_model.samtune_key``); the tracker's
 memory modules are left for the video model. Meta's own ``sam3.pt`` is refused with the way to
-convert it: transformers' conversion script (convert_sam3_to_hf.py) is not in the wheel, and a
+convert it: transformers' conversion script (``models/sam3_video/convert_sam3_video_to_hf.py`` in
+transformers' source repository, which writes the ``Sam3VideoModel`` folder read here) is not in the wheel, and a
 key mapping guessed from module names could load wrong weights without an error.
 
 Memory propagation (``video_model``): transformers' ``Sam3TrackerVideoModel`` around this model's
@@ -134,9 +135,10 @@ class Sam3Family(ModelFamily):
         path = Path(source)
         if path.suffix in {".pt", ".pth"}:
             raise CheckpointError(
-                f"model.checkpoint={source!r}: Meta's own SAM 3 checkpoint is not converted by samtune (transformers' "
-                "convert_sam3_to_hf.py, which holds the key mapping, is not part of the installed package). Set model.checkpoint "
-                "to a Hugging Face folder of SAM 3 (`huggingface-cli download facebook/sam3`), or convert the file with that script first."
+                f"model.checkpoint={source!r}: Meta's own SAM 3 checkpoint is not converted by samtune. Set model.checkpoint "
+                "to a Hugging Face folder of SAM 3 (`huggingface-cli download facebook/sam3`), or convert the file first with "
+                "transformers' src/transformers/models/sam3_video/convert_sam3_video_to_hf.py (in transformers' source repository, "
+                "not in the installed package), which writes such a folder (detector and tracker)."
             )
         if path.is_file() and path.suffix != ".safetensors":
             raise SamtuneError(f"model.checkpoint={source!r} is not a Hugging Face folder of SAM 3 (config.json + model.safetensors).")
