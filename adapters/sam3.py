@@ -44,15 +44,18 @@ for ``automatic.init: text``.
 
 Weights. A Hugging Face folder (or ``facebook/sam3`` when online) saved from ``Sam3VideoModel`` is
 read with safetensors and renamed into samtune's layout (``sam3_model.samtune_key``); the tracker's
-memory modules are left for the video model. Meta's own ``sam3.pt`` is refused with the way to
-convert it: transformers' conversion script (``models/sam3_video/convert_sam3_video_to_hf.py`` in
-transformers' source repository, which writes the ``Sam3VideoModel`` folder read here) is not in the wheel, and a
-key mapping guessed from module names could load wrong weights without an error.
+memory modules are left for the video model. Meta's own ``sam3.pt`` is read without running code
+(``torch.load(weights_only=True)``), converted in memory to that same released layout
+(adapters/sam3_checkpoints.py, after transformers' ``convert_sam3_video_to_hf.py``, which is not in
+the wheel) and loaded by the same strict path, so a key that fits nowhere is an error naming it.
+Its architecture is the variant's (``sam3``: the release's configuration); it holds no tokenizer,
+so ``automatic.init: text`` reads the release's from the hub id.
 
 Memory propagation (``video_model``): transformers' ``Sam3TrackerVideoModel`` around this model's
 own ViT, tracker neck and tracker heads (shared, LoRA merged; adapters/sam3_video.py), its memory
-modules read from the same released folder or hub id, or at random init for random variants; a
-folder without them (a samtune export) is refused with ``eval.propagation=box`` as the way out.
+modules read from the same released folder, hub id or ``sam3.pt``, or at random init for random
+variants; a folder without them (a samtune export) is refused with ``eval.propagation=box`` as the
+way out.
 
 Export: ``hf`` writes ``Sam3Segmenter.save_pretrained`` (samtune's layout, LoRA merged; the
 ``Sam3VideoConfig`` in config.json). A ``Sam3VideoModel`` folder would need the memory modules.
@@ -68,9 +71,10 @@ import torch
 import torch.nn.functional as F
 
 from samtune.adapters.catalog import ModelVariant, register_family, register_model
-from samtune.adapters.checkpoint_files import CheckpointError, load_exactly
+from samtune.adapters.checkpoint_files import load_exactly, load_state_dict_file
 from samtune.adapters.family import CLASS_PROMPTS, ImageEmbeddings, ModelFamily, dense_prompt, sparse_with_class_tokens
 from samtune.adapters.sam2 import SquareResizeTransform
+from samtune.adapters.sam3_checkpoints import convert_official, official_to_released
 from samtune.adapters.sam3_config import (
     ByteTokenizer,
     HubTokenizer,
@@ -134,14 +138,10 @@ class Sam3Family(ModelFamily):
             raise SamtuneError(f"model.name={variant.name!r} has no download: set model.checkpoint to a Hugging Face folder of SAM 3.")
         path = Path(source)
         if path.suffix in {".pt", ".pth"}:
-            raise CheckpointError(
-                f"model.checkpoint={source!r}: Meta's own SAM 3 checkpoint is not converted by samtune. Set model.checkpoint "
-                "to a Hugging Face folder of SAM 3 (`huggingface-cli download facebook/sam3`), or convert the file first with "
-                "transformers' src/transformers/models/sam3_video/convert_sam3_video_to_hf.py (in transformers' source repository, "
-                "not in the installed package), which writes such a folder (detector and tracker)."
-            )
+            return _ready(load_official(path, variant, image_size))
         if path.is_file() and path.suffix != ".safetensors":
-            raise SamtuneError(f"model.checkpoint={source!r} is not a Hugging Face folder of SAM 3 (config.json + model.safetensors).")
+            raise SamtuneError(f"model.checkpoint={source!r} is not a Hugging Face folder of SAM 3 (config.json + model.safetensors) "
+                               "nor Meta's sam3.pt.")  # fmt: skip
         return _ready(load_released(source, variant.name, image_size))
 
     def load_full(self, folder) -> Sam3Segmenter:
@@ -215,18 +215,22 @@ class Sam3Family(ModelFamily):
     # --- volumes ---
     def video_model(self, model, variant: ModelVariant, checkpoint: str | None):
         """``Sam3TrackerVideoModel`` around the model's own modules (adapters/sam3_video.py), its memory
-        modules from the SAM 3 folder or hub id the model was built from (``tracker_model.memory_*`` ...
-        beside the image weights), or at random init for random variants."""
+        modules from the SAM 3 folder, hub id or ``sam3.pt`` the model was built from
+        (``tracker_model.memory_*`` ... beside the image weights), or at random init for random variants."""
         source = checkpoint if checkpoint is not None else variant.hub_id
         if source is None:
             return video_model_from(model)
         way_out = "or use eval.propagation=box (slice by slice from the previous slice's box)"
-        try:
-            folder, files = _weight_files(source, variant.name)
-        except SamtuneError as exc:
-            raise SamtuneError(f"{exc}\nMemory propagation reads SAM 3's memory modules from there too: set model.checkpoint to a folder of "
-                               f"facebook/sam3, {way_out}.") from None  # fmt: skip
-        memory = memory_of_released(_tensors(files, RELEASED_PREFIX))
+        if Path(source).suffix in {".pt", ".pth"}:  # Meta's file: converted again, its tracker's keys kept this time
+            folder, released = Path(source), official_to_released(load_state_dict_file(source)).items()
+        else:
+            try:
+                folder, files = _weight_files(source, variant.name)
+            except SamtuneError as exc:
+                raise SamtuneError(f"{exc}\nMemory propagation reads SAM 3's memory modules from there too: set model.checkpoint to a folder of "
+                                   f"facebook/sam3, {way_out}.") from None  # fmt: skip
+            released = _tensors(files, RELEASED_PREFIX)
+        memory = memory_of_released(released)
         if not memory:
             raise SamtuneError(f"{folder}: holds no memory modules of SAM 3's tracker (no {RELEASED_PREFIX}memory_* weights): it was "
                                f"saved from an image model. Set model.checkpoint to a folder of facebook/sam3 (saved from Sam3VideoModel), "
@@ -359,22 +363,43 @@ def load_released(source: str, name: str, image_size: int) -> Sam3Segmenter:
     except (OSError, ValueError, TypeError) as exc:
         raise SamtuneError(f"{folder}/config.json: not a SAM 3 (sam3_video) configuration ({exc}).") from None
     model = Sam3Segmenter(with_image_size(config, image_size))
-    state, unknown = {}, []
-    for file in files:
-        for key, value in load_file(str(file)).items():
-            own = samtune_key(key)
-            if own is not None:
-                state[own] = value
-            elif not key.startswith("tracker_model."):  # tracker_model.memory_* ...: the video model's
-                unknown.append(key)
+    released = (item for file in files for item in load_file(str(file)).items())
+    load_released_weights(model, released, str(folder), f"SAM 3 of model.name={name!r} (released Sam3VideoModel key names)",
+                          "Use an unmodified facebook/sam3 folder.")  # fmt: skip
+    model.text_tokenizer = HubTokenizer(str(folder))
+    return model
+
+
+def load_official(path: Path, variant: ModelVariant, image_size: int) -> Sam3Segmenter:
+    """Meta's ``sam3.pt`` -> Sam3Segmenter: read without running code (``weights_only``), converted to
+    the released layout (adapters/sam3_checkpoints.py), then loaded exactly as a released folder. The
+    architecture is the variant's (``sam3``: the release's defaults); the file holds no tokenizer."""
+    released, unknown = convert_official(load_state_dict_file(path))  # a bad file fails before the model is built
+    config = variant.make_config(image_size) if variant.make_config is not None else released_config(image_size)
+    model = Sam3Segmenter(config)
+    load_released_weights(model, released.items(), str(path), f"SAM 3 of model.name={variant.name!r} (Meta's sam3.pt, converted)",
+                          "Use an unmodified sam3.pt, or a Hugging Face folder of facebook/sam3.", unknown)  # fmt: skip
+    # random variants tokenise bytes; the release's CLIP tokenizer files live beside the hub's weights
+    model.text_tokenizer = ByteTokenizer() if variant.make_config is not None else HubTokenizer(variant.hub_id or "facebook/sam3")
+    return model
+
+
+def load_released_weights(model: Sam3Segmenter, released, source: str, what: str, fix: str, unknown=()) -> None:
+    """(key, tensor) pairs in the released layout -> ``model``, every image-model weight accounted
+    for (``load_exactly``); the tracker's memory modules (``tracker_model.memory_*`` ...) are the
+    video model's and left out here."""
+    state, unknown = {}, list(unknown)
+    for key, value in released:
+        own = samtune_key(key)
+        if own is not None:
+            state[own] = value
+        elif not key.startswith(RELEASED_PREFIX):
+            unknown.append(key)
     for key, value in model.state_dict().items():  # samtune's own modules keep their init
         if key.startswith(SAMTUNE_ONLY):
             state[key] = value
-    load_exactly(model, state, str(folder), f"SAM 3 of model.name={name!r} (released Sam3VideoModel key names)",
-                 "Use an unmodified facebook/sam3 folder.", unknown=unknown, assign=False)  # fmt: skip
+    load_exactly(model, state, source, what, fix, unknown=unknown, assign=False)
     identity_projection(model.detector.class_projection)
-    model.text_tokenizer = HubTokenizer(str(folder))
-    return model
 
 
 _SAM3_LICENCE = "SAM License (facebook/sam3 model card; not an OSI licence: read it before redistributing)"
