@@ -10,14 +10,19 @@ Every label is read once when the source is built (in a few threads): it must be
 single-channel PNG the size of its image, holding labelIds 0..33 (trainIds files: 0..18 and 255);
 anything else is a ``BadCase`` (an error, or left out with ``data.on_bad_case: skip``). The
 per-class pixel counts are kept, so ``slice_classes`` never reads a label again.
+
+``TrainIdSource`` holds all of that for any list of image/label pairs; ``CityscapesSource`` only
+finds Cityscapes' pairs, and the other layouts in this class space (``bdd100k.py``, ``acdc.py``)
+do the same for theirs.
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import cv2
 import numpy as np
@@ -37,6 +42,8 @@ TRAIN_CLASSES: tuple[tuple[str, int], ...] = (
     ("motorcycle", 32), ("bicycle", 33),
 )  # fmt: skip
 CLASS_NAMES = {train_id: name for train_id, (name, _) in enumerate(TRAIN_CLASSES)}
+# the class space of every Cityscapes-style kind (cityscapes, bdd100k, acdc), as the protocol names it
+CLASS_SPACE = "Cityscapes 19 trainIds (labelIds mapped by the official table), 255 ignored"
 
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)  # OpenCV >= 4.11 decodes straight to RGB
 
@@ -118,7 +125,16 @@ def read_label_png(path: Path, stem: str | None = None) -> np.ndarray:
     return label_ids
 
 
-def _label_counts(path: Path, holds_train_ids: bool, stem: str) -> dict[int, int]:
+CITYSCAPES_TRAIN_IDS_FIX = ("regenerate the labelTrainIds files with cityscapesScripts' createTrainIdLabelImgs, or delete them "
+                            "(the labelIds files are then mapped)")
+
+
+CITYSCAPES_LABEL_IDS_FIX = ("regenerate the label from its _gtFine_polygons.json with cityscapesScripts' json2labelImg, or "
+                            "remove the image")
+
+
+def _label_counts(path: Path, holds_train_ids: bool, stem: str, train_ids_fix: str = CITYSCAPES_TRAIN_IDS_FIX,
+                  label_ids_fix: str = CITYSCAPES_LABEL_IDS_FIX) -> dict[int, int]:
     """trainId -> pixels of one label file; ids that Cityscapes does not have are a BadCase."""
     counts = np.bincount(read_label_png(path, stem).ravel(), minlength=256)
     present = np.flatnonzero(counts).tolist()
@@ -127,17 +143,14 @@ def _label_counts(path: Path, holds_train_ids: bool, stem: str) -> dict[int, int
         if unknown:
             raise BadCase(
                 stem, path, f"holds values {unknown[:10]} ({int(counts[unknown].sum())} px) that are not Cityscapes "
-                f"trainIds (0..{len(TRAIN_CLASSES) - 1}, {IGNORE_INDEX} ignored)",
-                "regenerate the labelTrainIds files with cityscapesScripts' createTrainIdLabelImgs, or delete them "
-                "(the labelIds files are then mapped)",
+                f"trainIds (0..{len(TRAIN_CLASSES) - 1}, {IGNORE_INDEX} ignored)", train_ids_fix,
             )  # fmt: skip
         return {v: int(counts[v]) for v in present if v != IGNORE_INDEX}
     unknown = [v for v in present if v >= N_LABEL_IDS]
     if unknown:
         raise BadCase(
             stem, path, f"holds ids {unknown[:10]} ({int(counts[unknown].sum())} px) that are not Cityscapes labelIds "
-            f"(0..{N_LABEL_IDS - 1}); they would silently be ignored", "regenerate the label from its "
-            "_gtFine_polygons.json with cityscapesScripts' json2labelImg, or remove the image (data.on_bad_case=skip "
+            f"(0..{N_LABEL_IDS - 1}); they would silently be ignored", f"{label_ids_fix} (data.on_bad_case=skip "
             "leaves it out); for a label set of your own use data.kind: folder2d with data.class_names",
         )  # fmt: skip
     train: dict[int, int] = {}
@@ -148,83 +161,72 @@ def _label_counts(path: Path, holds_train_ids: bool, stem: str) -> dict[int, int
     return dict(sorted(train.items()))
 
 
-def _check_pair(pair: tuple[Path, Path, bool] | BadCase) -> dict[int, int] | BadCase:
+class LabelPair(NamedTuple):
+    """One image and the label file read for it; ``holds_train_ids``: the file holds trainIds
+    already (no labelId mapping)."""
+
+    image: Path
+    label: Path
+    holds_train_ids: bool
+    stem: str
+
+
+def _check_pair(pair: LabelPair | BadCase, fixes: tuple[str, str]) -> dict[int, int] | BadCase:
     """The label's trainId counts, or what is wrong with the pair (returned, not raised)."""
     if isinstance(pair, BadCase):
         return pair
-    image, label, holds_train_ids = pair
-    stem = image.name.replace("_leftImg8bit.png", "")
     try:
-        CityscapesSource._check_sizes(image, label, stem)
-        return _label_counts(label, holds_train_ids, stem)
+        TrainIdSource._check_sizes(pair.image, pair.label, pair.stem)
+        return _label_counts(pair.label, pair.holds_train_ids, pair.stem, *fixes)
     except BadCase as bad:
         return bad
 
 
-def _scan_pairs(pairs: list):
+def _scan_pairs(pairs: list, fixes: tuple[str, str]):
     """(pair, counts or BadCase) in order; every label is read once, in a few threads. Stopping
     early (error mode raises on the first bad pair) cancels the labels not yet read."""
+    check = partial(_check_pair, fixes=fixes)
     if len(pairs) < 4:
-        yield from ((pair, _check_pair(pair)) for pair in pairs)
+        yield from ((pair, check(pair)) for pair in pairs)
         return
     pool = ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, os.cpu_count() or 1))
     try:
-        yield from zip(pairs, pool.map(_check_pair, pairs))
+        yield from zip(pairs, pool.map(check, pairs))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class CityscapesSource(SliceSource):
-    """Image/label pairs of one split; labels as trainIds."""
+class TrainIdSource(SliceSource):
+    """Image/label pairs labelled in the Cityscapes class space (labelIds mapped, or trainIds as
+    they are), the shared base of every Cityscapes-style layout (``cityscapes``, ``bdd100k``,
+    ``acdc``): a layout module finds its pairs and hands them over; every label is checked here.
+
+    ``train_ids_fix`` / ``label_ids_fix``: the fix named for a label holding values that are not
+    trainIds / labelIds. ``LABEL_IDS_SUFFIX`` / ``TRAIN_IDS_SUFFIX``: where a layout ships both a
+    labelIds and a trainIds file per image, their name endings (checked against each other)."""
 
     ignore_index = IGNORE_INDEX
+    LABEL_IDS_SUFFIX: str | None = None
+    TRAIN_IDS_SUFFIX: str | None = None
 
-    def __init__(self, root: str | Path, split: str, on_bad_case: str = "error", cities: list[str] | None = None):
-        self.root = Path(root)
-        image_dir = self.root / "leftImg8bit" / split
-        if not image_dir.is_dir():
-            raise SamtuneError(
-                f"{image_dir}: no such folder. data.root must be the Cityscapes folder that holds "
-                f"leftImg8bit/ and gtFine/ (split {split!r})."
-            )
-        found = sorted(p for p in image_dir.glob("*/*_leftImg8bit.png") if not p.name.startswith("._"))
-        if cities:
-            present = sorted({p.parent.name for p in found})
-            unknown = [c for c in cities if c not in present]
-            if unknown:
-                raise SamtuneError(f"data.cities: {unknown} not in {image_dir} (cities there: {', '.join(present)}).")
-            found = [p for p in found if p.parent.name in cities]
-        if not found:
-            raise SamtuneError(f"{image_dir}: no *_leftImg8bit.png images in its city folders.")
+    def __init__(self, pairs: list[LabelPair | BadCase], on_bad_case: str = "error",
+                 train_ids_fix: str = CITYSCAPES_TRAIN_IDS_FIX, label_ids_fix: str = CITYSCAPES_LABEL_IDS_FIX):
         self.images: list[Path] = []
         self.labels: list[Path] = []
+        self.stems: list[str] = []
         self.train_ids: list[bool] = []  # label file holds trainIds already (no mapping)
         self.counts: list[dict[int, int]] = []  # per image: trainId -> pixels (255 not counted)
         self.skipped: list[dict] = []
-        pairs: list[tuple[Path, Path, bool] | BadCase] = []
-        for image in found:
-            stem = image.name.replace("_leftImg8bit.png", "")
-            folder = self.root / "gtFine" / split / image.parent.name
-            label = folder / f"{stem}_gtFine_labelIds.png"
-            train_ids = folder / f"{stem}_gtFine_labelTrainIds.png"
-            chosen = train_ids if train_ids.is_file() else label
-            if not chosen.is_file():
-                pairs.append(BadCase(
-                    stem, image, f"its label file {label} is missing",
-                    "put the gtFine labels beside leftImg8bit (same split/city), or remove the image",
-                ))  # fmt: skip
-            else:
-                pairs.append((image, chosen, chosen is train_ids))
-        scan = _scan_pairs(pairs)
+        scan = _scan_pairs(pairs, (train_ids_fix, label_ids_fix))
         try:
             for pair, result in scan:
                 if isinstance(result, BadCase):
                     handle_bad(result, on_bad_case, self.skipped)
                     continue
-                image, chosen, holds_train_ids = pair
-                self.images.append(image)
-                self.labels.append(chosen)
-                self.train_ids.append(holds_train_ids)
+                self.images.append(pair.image)
+                self.labels.append(pair.label)
+                self.stems.append(pair.stem)
+                self.train_ids.append(pair.holds_train_ids)
                 self.counts.append(result)
         finally:
             scan.close()  # error mode: stop the threads now, not when the traceback is freed
@@ -242,11 +244,12 @@ class CityscapesSource(SliceSource):
             raise BadCase(stem, image, f"image is {iw}×{ih} but its label {label} is {lw}×{lh}", "they must match pixel for pixel")
 
     def consistency_problems(self) -> list[dict]:
-        """Where both exist, ``_labelTrainIds.png`` must equal the official mapping of
-        ``_labelIds.png`` (checked on the first such image: a different table would silently change
-        every class)."""
+        """Where both exist, the trainIds file must equal the official mapping of the labelIds file
+        (checked on the first such image: a different table would silently change every class)."""
+        if not (self.TRAIN_IDS_SUFFIX and self.LABEL_IDS_SUFFIX):
+            return []
         for i, uses_train_ids in enumerate(self.train_ids):
-            label_ids = Path(str(self.labels[i]).replace("_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"))
+            label_ids = Path(str(self.labels[i]).replace(self.TRAIN_IDS_SUFFIX, self.LABEL_IDS_SUFFIX))
             if uses_train_ids and label_ids.is_file():
                 with Image.open(label_ids) as img:
                     expected = map_label_ids(np.asarray(img))
@@ -267,11 +270,7 @@ class CityscapesSource(SliceSource):
         return cityscapes_label_space(class_ids)
 
     def item_id(self, index: int) -> str:
-        return self.images[index].name.replace("_leftImg8bit.png", "")
-
-    def prediction_name(self, index: int) -> str:
-        """``{city}/{city}_{seq}_{frame}_gtFine_labelIds.png``, as the ground truth is named."""
-        return f"{self.images[index].parent.name}/{prediction_name(self.images[index])}"
+        return self.stems[index]
 
     def load_label(self, index: int) -> np.ndarray:
         label_ids = read_label_png(self.labels[index], self.item_id(index))
@@ -292,6 +291,50 @@ class CityscapesSource(SliceSource):
         return image, label
 
 
+class CityscapesSource(TrainIdSource):
+    """Image/label pairs of one split of a leftImg8bit/ + gtFine/ tree; labels as trainIds."""
+
+    LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
+    TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
+
+    def __init__(self, root: str | Path, split: str, on_bad_case: str = "error", cities: list[str] | None = None):
+        self.root = Path(root)
+        image_dir = self.root / "leftImg8bit" / split
+        if not image_dir.is_dir():
+            raise SamtuneError(
+                f"{image_dir}: no such folder. data.root must be the Cityscapes folder that holds "
+                f"leftImg8bit/ and gtFine/ (split {split!r})."
+            )
+        found = sorted(p for p in image_dir.glob("*/*_leftImg8bit.png") if not p.name.startswith("._"))
+        if cities:
+            present = sorted({p.parent.name for p in found})
+            unknown = [c for c in cities if c not in present]
+            if unknown:
+                raise SamtuneError(f"data.cities: {unknown} not in {image_dir} (cities there: {', '.join(present)}).")
+            found = [p for p in found if p.parent.name in cities]
+        if not found:
+            raise SamtuneError(f"{image_dir}: no *_leftImg8bit.png images in its city folders.")
+        pairs: list[LabelPair | BadCase] = []
+        for image in found:
+            stem = image.name.replace("_leftImg8bit.png", "")
+            folder = self.root / "gtFine" / split / image.parent.name
+            label = folder / f"{stem}{self.LABEL_IDS_SUFFIX}"
+            train_ids = folder / f"{stem}{self.TRAIN_IDS_SUFFIX}"
+            chosen = train_ids if train_ids.is_file() else label
+            if not chosen.is_file():
+                pairs.append(BadCase(
+                    stem, image, f"its label file {label} is missing",
+                    "put the gtFine labels beside leftImg8bit (same split/city), or remove the image",
+                ))  # fmt: skip
+            else:
+                pairs.append(LabelPair(image, chosen, chosen is train_ids, stem))
+        super().__init__(pairs, on_bad_case)
+
+    def prediction_name(self, index: int) -> str:
+        """``{city}/{city}_{seq}_{frame}_gtFine_labelIds.png``, as the ground truth is named."""
+        return f"{self.images[index].parent.name}/{prediction_name(self.images[index])}"
+
+
 class CityscapesData(DataSectionBase, DemoKeys):
     """``data:`` for ``kind: cityscapes``."""
 
@@ -300,6 +343,9 @@ class CityscapesData(DataSectionBase, DemoKeys):
     val_split: str = Field("val", description="split used for validation")
     cities: Optional[list[str]] = Field(None, description="train only on these cities of `train_split` (default: all)")
     val_cities: Optional[list[str]] = Field(None, description="validate only on these cities of `val_split` (default: all)")
+
+    def scored_subset(self) -> dict:
+        return {"split": self.val_split, "cities": self.val_cities or "all", "class_space": CLASS_SPACE}
 
 
 def _make_demo(folder: Path, seed: int) -> Path:

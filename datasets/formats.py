@@ -25,13 +25,13 @@ from samtune.schema import Section
 from samtune.suggest import did_you_mean
 
 # imported by ``all_formats()`` so that every format has registered itself
-FORMAT_MODULES = ("samtune.datasets.cityscapes", "samtune.datasets.nifti", "samtune.datasets.folder2d", "samtune.datasets.dicom")
+FORMAT_MODULES = ("samtune.datasets.cityscapes", "samtune.datasets.bdd100k", "samtune.datasets.acdc", "samtune.datasets.nifti", "samtune.datasets.folder2d", "samtune.datasets.coco", "samtune.datasets.dicom")
 
 
 class DataSectionBase(Section):
     """Keys every data format has."""
 
-    kind: str = Field(description="dataset format: `cityscapes` (leftImg8bit/gtFine tree), `nifti` (nnU-Net v2, MSD, or images/ + labels/ NIfTI folders), `folder2d` (images/ PNG/JPEG/TIFF + labels/ PNG label maps) or `dicom` (a PACS export: DICOM image series with their DICOM-SEG labels)")
+    kind: str = Field(description="dataset format: `cityscapes` (leftImg8bit/gtFine tree), `bdd100k` (images/10k + labels/sem_seg/masks), `acdc` (rgb_anon/ + gt/ by condition), `nifti` (nnU-Net v2, MSD, or images/ + labels/ NIfTI folders), `folder2d` (images/ PNG/JPEG/TIFF + labels/ PNG label maps), `coco` (COCO instances JSON: polygons or RLE) or `dicom` (a PACS export: DICOM image series with their DICOM-SEG labels)")
     root: str = Field(description="dataset folder (relative paths are relative to the current directory)")
     on_bad_case: Literal["error", "skip"] = Field("error", description="unusable case or image (unreadable, shape/affine mismatch, unknown label values, NaN, ...): `error` stops naming the file and the fix; `skip` leaves it out, logs it and lists it in `samtune inspect`")
     classes: Optional[list[str]] = Field(None, description="class names to train and evaluate on (default: all classes of the dataset)")
@@ -40,6 +40,11 @@ class DataSectionBase(Section):
     def intensity_setting(self) -> str | tuple[float, float] | None:
         """How intensities map to 0-255 (a preset or [low, high]); None for formats read as 8-bit RGB."""
         return None
+
+    def scored_subset(self) -> dict:
+        """What validation reads, beyond kind and root, for the evaluation protocol in metrics.json
+        (formats with split filters or a fixed class space say so)."""
+        return {}
 
 
 class SplitKeys(Section):
@@ -118,9 +123,11 @@ def open_images(section: DataSectionBase, paths: list) -> "object":
 
 
 def all_formats() -> dict[str, DataFormat]:
+    """Every registered format, in ``FORMAT_MODULES`` order (whatever order a caller imported them in)."""
     for module in FORMAT_MODULES:
         importlib.import_module(module)
-    return dict(_FORMATS)
+    rank = {module: i for i, module in enumerate(FORMAT_MODULES)}
+    return dict(sorted(_FORMATS.items(), key=lambda item: rank.get(item[1].section.__module__, len(rank))))
 
 
 def get_format(kind: str) -> DataFormat:

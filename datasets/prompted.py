@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from samtune.datasets import sample as S
 from samtune.datasets.checks import check_image_range
-from samtune.datasets.prompts import PromptOptions, sample_box, sample_points, split_objects
+from samtune.datasets.prompts import PromptOptions, instance_objects, sample_box, sample_points, split_objects
 from samtune.datasets.source import SliceSource
 
 if TYPE_CHECKING:  # albumentations takes a second to import; only training builds augmentations
@@ -120,14 +121,23 @@ class PromptedDataset(Dataset):
         else:
             index, class_id, component = self.pairs[k]
         image, label = self.source.load(index)
+        # annotated instances (COCO) are the objects of per-component prompting where a source has them
+        instances = self.source.load_instances(index) if self.prompts.per == "component" else None
         item = self.source.item_id(index)
         check_image_range(image, item)
         original = image.shape[:2]
         if self.augment is not None:
-            out = self.augment(image=image, mask=label)
+            out = self.augment(image=image, mask=label, **({} if instances is None else {"masks": [instances]}))
             image, label = out["image"], out["mask"]
+            instances = None if instances is None else out["masks"][0]
         out = self.transform(image=image, mask=label)
         resized_label = out["mask"]
+        resized_instances = None if instances is None else self._resize_instances(instances)
+
+        def objects_of(class_id: int) -> list[np.ndarray]:
+            if resized_instances is None:
+                return split_objects(resized_label == class_id, self.prompts.per)
+            return instance_objects(resized_instances, resized_label == class_id)
         objects: list[tuple[int, np.ndarray]] = []
         if self.training:
             pixels = np.bincount(resized_label.ravel(), minlength=max(class_ids) + 1)
@@ -136,12 +146,12 @@ class PromptedDataset(Dataset):
                 return self._fallback(k)
             for class_id in rng.choice(present or class_ids, size=self.per_image):
                 if present:
-                    candidates = split_objects(resized_label == class_id, self.prompts.per)
+                    candidates = objects_of(class_id)
                     objects.append((int(class_id), candidates[rng.integers(len(candidates))]))
                 else:  # every object is under a pixel after resizing
                     objects.append((int(class_id), self._scaled_box_mask(label == class_id, original)))
         else:
-            candidates = split_objects(resized_label == class_id, self.prompts.per)
+            candidates = objects_of(class_id)
             if candidates[0].any():
                 objects.append((class_id, candidates[min(component, len(candidates) - 1)]))
             else:  # smaller than one pixel after resizing: prompt with the scaled original box
@@ -161,7 +171,9 @@ class PromptedDataset(Dataset):
             "resized_size": resized,
         }
         if not self.training:
-            if self.prompts.per == "component":
+            if instances is not None:
+                target = instance_objects(instances, label == class_id)[component]
+            elif self.prompts.per == "component":
                 target = split_objects(label == class_id, "component")[component]
             else:
                 target = label == class_id
@@ -182,6 +194,14 @@ class PromptedDataset(Dataset):
             return self[k]
         finally:
             self.augment = augment
+
+    def _resize_instances(self, instances: np.ndarray) -> np.ndarray:
+        """H×W instance map -> S×S, as the transform resizes label maps (nearest neighbour at pixel
+        centres, the resized image at the top left, zero padding)."""
+        h, w = self.transform.resized_shape(instances.shape[:2])
+        resized = np.zeros((self.image_size, self.image_size), instances.dtype)
+        resized[:h, :w] = cv2.resize(instances, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+        return resized
 
     def _scaled_box_mask(self, target: np.ndarray, original: tuple[int, int]) -> np.ndarray:
         # per axis, as the transform resizes (SAM 2 stretches to a square; SAM keeps the aspect ratio)

@@ -121,6 +121,14 @@ def split_objects(class_mask: np.ndarray, per: str) -> list[np.ndarray]:
     return [components == k + 1 for k in np.argsort(-sizes, kind="stable")]
 
 
+def instance_objects(instances: np.ndarray, class_mask: np.ndarray) -> list[np.ndarray]:
+    """One class's annotated instances (H×W instance map, 0 none) -> their visible masks, largest
+    first (ties in instance order); the class mask itself where no instance covers it."""
+    sizes = np.bincount(instances[class_mask].ravel())
+    ids = [k for k in np.argsort(-sizes, kind="stable") if k and sizes[k]]
+    return [(instances == k) & class_mask for k in ids] or [class_mask]
+
+
 def sample_error_clicks(
     pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

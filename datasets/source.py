@@ -114,6 +114,12 @@ class SliceSource(ABC):
         them indexed (cached NIfTI); None: the caller computes them from the label map."""
         return None
 
+    def load_instances(self, index: int) -> np.ndarray | None:
+        """H×W uint16 instance map of image ``index`` (0: no instance; k: one annotated object, of the
+        class the label map holds there) for formats that annotate instances (COCO); None: the
+        objects are the label map's classes or its connected components."""
+        return None
+
     def consistency_problems(self) -> list[dict]:
         """Costlier checks that only ``samtune inspect`` runs, as ``{"case", "file", "problem"}``
         records (e.g. Cityscapes trainIds files against the official mapping); none by default."""

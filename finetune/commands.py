@@ -81,7 +81,16 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     from samtune.datasets.synthetic import generate_demo_data
 
     kinds = ("ct", "cityscapes") if args.kind == "all" else (args.kind,)
-    made = generate_demo_data(args.out, seed=args.seed, kinds=[k for k in kinds if k != "dicom"])
+    made = generate_demo_data(args.out, seed=args.seed, kinds=[k for k in kinds if k in ("ct", "cityscapes")])
+    if "bdd100k" in kinds or "acdc" in kinds:  # small trees in the published BDD100K / ACDC layouts
+        from samtune.datasets.driving_demo import generate_acdc, generate_bdd100k
+
+        generate = {"bdd100k": generate_bdd100k, "acdc": generate_acdc}
+        made.update({kind: generate[kind](args.out / kind, seed=args.seed) for kind in kinds if kind in generate})
+    if "coco" in kinds:  # a small COCO tree: polygons, RLE and a crowd region (needs pycocotools)
+        from samtune.datasets.coco_demo import generate_coco
+
+        made["coco"] = generate_coco(args.out / "coco", seed=args.seed)
     if "dicom" in kinds:  # the CT phantom's patients as a DICOM export (~6 s: not part of "all")
         from samtune.datasets.dicom_demo import generate_dicom_phantom
 

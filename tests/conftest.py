@@ -43,6 +43,49 @@ def cs_root(cs_template, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bdd_template(tmp_path_factory) -> Path:
+    """A small BDD100K-style tree (images/10k + labels/sem_seg/masks, 2 train + 1 val, 128×64), generated once."""
+    from samtune.datasets.driving_demo import generate_bdd100k
+
+    return generate_bdd100k(tmp_path_factory.mktemp("bdd") / "bdd100k", n_train=2, n_val=1, size_wh=(128, 64))
+
+
+@pytest.fixture
+def bdd_root(bdd_template, tmp_path) -> Path:
+    """A private copy of the BDD100K-style tree that a test may modify."""
+    return Path(shutil.copytree(bdd_template, tmp_path / "bdd100k"))
+
+
+@pytest.fixture(scope="session")
+def acdc_template(tmp_path_factory) -> Path:
+    """A small ACDC-style tree (rgb_anon + gt, 1 train + 1 val image per condition, 128×64), generated once."""
+    from samtune.datasets.driving_demo import generate_acdc
+
+    return generate_acdc(tmp_path_factory.mktemp("acdc") / "acdc", size_wh=(128, 64))
+
+
+@pytest.fixture
+def acdc_root(acdc_template, tmp_path) -> Path:
+    """A private copy of the ACDC-style tree that a test may modify."""
+    return Path(shutil.copytree(acdc_template, tmp_path / "acdc"))
+
+
+@pytest.fixture(scope="session")
+def coco_template(tmp_path_factory) -> Path:
+    """The COCO demo tree (annotations/instances_{train,val}2017.json + images, 6 + 3 of 128×96), generated once."""
+    pytest.importorskip("pycocotools")
+    from samtune.datasets.coco_demo import generate_coco
+
+    return generate_coco(tmp_path_factory.mktemp("coco") / "coco")
+
+
+@pytest.fixture
+def coco_root(coco_template, tmp_path) -> Path:
+    """A private copy of the COCO demo tree that a test may modify."""
+    return Path(shutil.copytree(coco_template, tmp_path / "coco"))
+
+
+@pytest.fixture(scope="session")
 def dicom_template(tmp_path_factory) -> Path:
     """The CT phantom as a small DICOM export (3 patients of 48×48×12: CT series + DICOM-SEG), generated once."""
     from samtune.datasets.dicom_demo import generate_dicom_phantom

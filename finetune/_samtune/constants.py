@@ -39,3 +39,8 @@ TRAIN_MODES = ("lora", "decoder_only", "full")
 # class of an image with no input (learnt class prompts, samtune.adapters.family.ClassPrompts), or
 # both in one checkpoint (the two mixed per step).
 TASKS = ("promptable", "automatic", "both")
+
+# ACDC's four adverse conditions, its folder names under rgb_anon/ and gt/ (Sakaridis et al., "ACDC:
+# The Adverse Conditions Dataset with Correspondences for Semantic Driving Scene Understanding",
+# ICCV 2021): read by samtune.datasets.acdc and drawn by its demo generator
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")

@@ -55,10 +55,17 @@ def evaluate_with_recipe(model, family, data, recipe: Recipe, device: torch.devi
         return evaluate_all(model, family, data, recipe, device, desc, predictions)
 
 
+def data_protocol(recipe: Recipe) -> dict:
+    """The data scored: kind, root and the section's subset (split, ACDC conditions, class space),
+    so that a cross-dataset evaluation (Cityscapes checkpoint on ACDC night) says what it measured."""
+    return {"kind": recipe.data.kind, "root": recipe.data.root, **recipe.data.scored_subset()}
+
+
 def prompted_protocol(recipe: Recipe) -> dict:
     p = recipe.prompts
     box = uses_box(recipe)
     return {
+        "data": data_protocol(recipe),
         "prompts": "from the ground truth of each object",
         "objects": f"every {'connected component of each class' if p.per == 'component' else 'class'} present in a validation "
                    f"image with >= data.min_pixels={recipe.data.min_pixels} px; images without it are not prompted",
@@ -74,6 +81,7 @@ def prompted_protocol(recipe: Recipe) -> dict:
 
 def semantic_protocol(recipe: Recipe) -> dict:
     return {
+        "data": data_protocol(recipe),
         "prompts": "none: the learnt class prompts of the checkpoint",
         "fusion": f"per pixel the class of highest probability, background where none reaches {recipe.automatic.threshold}",
         "pixels": "every pixel of every validation image (every slice of every case for volumes); ignored/void (255) excluded",
