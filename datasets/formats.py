@@ -25,13 +25,13 @@ from samtune.schema import Section
 from samtune.suggest import did_you_mean
 
 # imported by ``all_formats()`` so that every format has registered itself
-FORMAT_MODULES = ("samtune.datasets.cityscapes", "samtune.datasets.bdd100k", "samtune.datasets.acdc", "samtune.datasets.nifti", "samtune.datasets.folder2d", "samtune.datasets.coco", "samtune.datasets.dicom")
+FORMAT_MODULES = ("samtune.datasets.cityscapes", "samtune.datasets.bdd100k", "samtune.datasets.acdc", "samtune.datasets.mapillary", "samtune.datasets.nifti", "samtune.datasets.folder2d", "samtune.datasets.coco", "samtune.datasets.dicom")
 
 
 class DataSectionBase(Section):
     """Keys every data format has."""
 
-    kind: str = Field(description="dataset format: `cityscapes` (leftImg8bit/gtFine tree), `bdd100k` (images/10k + labels/sem_seg/masks), `acdc` (rgb_anon/ + gt/ by condition), `nifti` (nnU-Net v2, MSD, or images/ + labels/ NIfTI folders), `folder2d` (images/ PNG/JPEG/TIFF + labels/ PNG label maps), `coco` (COCO instances JSON: polygons or RLE) or `dicom` (a PACS export: DICOM image series with their DICOM-SEG labels)")
+    kind: str = Field(description="dataset format: `cityscapes` (leftImg8bit/gtFine tree), `bdd100k` (images/10k + labels/sem_seg/masks), `acdc` (rgb_anon/ + gt/ by condition), `mapillary` (Mapillary Vistas {split}/images + labels, classes from its config), `nifti` (nnU-Net v2, MSD, or images/ + labels/ NIfTI folders), `folder2d` (images/ PNG/JPEG/TIFF + labels/ PNG label maps), `coco` (COCO instances JSON: polygons or RLE) or `dicom` (a PACS export: DICOM image series with their DICOM-SEG labels)")
     root: str = Field(description="dataset folder (relative paths are relative to the current directory)")
     on_bad_case: Literal["error", "skip"] = Field("error", description="unusable case or image (unreadable, shape/affine mismatch, unknown label values, NaN, ...): `error` stops naming the file and the fix; `skip` leaves it out, logs it and lists it in `samtune inspect`")
     classes: Optional[list[str]] = Field(None, description="class names to train and evaluate on (default: all classes of the dataset)")

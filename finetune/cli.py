@@ -126,9 +126,9 @@ def _add_demo_data(sub: Subparsers) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="folder to write the datasets into")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    p.add_argument("--kind", choices=["all", "ct", "cityscapes", "dicom", "bdd100k", "acdc", "coco"], default="all",
-                   help="which dataset(s) to write; all = ct and cityscapes (dicom takes a few seconds more); bdd100k "
-                   "and acdc: small trees in those datasets' layouts (OUT/bdd100k, OUT/acdc); coco: a COCO instances tree "
+    p.add_argument("--kind", choices=["all", "ct", "cityscapes", "dicom", "bdd100k", "acdc", "mapillary", "coco"], default="all",
+                   help="which dataset(s) to write; all = ct and cityscapes (dicom takes a few seconds more); bdd100k, "
+                   "acdc and mapillary: small trees in those datasets' layouts (OUT/bdd100k, OUT/acdc, OUT/mapillary); coco: a COCO instances tree "
                    "(OUT/coco: polygons, RLE, a crowd region)")
 
 

@@ -82,10 +82,10 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
     kinds = ("ct", "cityscapes") if args.kind == "all" else (args.kind,)
     made = generate_demo_data(args.out, seed=args.seed, kinds=[k for k in kinds if k in ("ct", "cityscapes")])
-    if "bdd100k" in kinds or "acdc" in kinds:  # small trees in the published BDD100K / ACDC layouts
-        from samtune.datasets.driving_demo import generate_acdc, generate_bdd100k
+    if {"bdd100k", "acdc", "mapillary"} & set(kinds):  # small trees in the published BDD100K / ACDC / Vistas layouts
+        from samtune.datasets.driving_demo import generate_acdc, generate_bdd100k, generate_mapillary
 
-        generate = {"bdd100k": generate_bdd100k, "acdc": generate_acdc}
+        generate = {"bdd100k": generate_bdd100k, "acdc": generate_acdc, "mapillary": generate_mapillary}
         made.update({kind: generate[kind](args.out / kind, seed=args.seed) for kind in kinds if kind in generate})
     if "coco" in kinds:  # a small COCO tree: polygons, RLE and a crowd region (needs pycocotools)
         from samtune.datasets.coco_demo import generate_coco

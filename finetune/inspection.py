@@ -91,7 +91,7 @@ def _fill_classes(report: dict, class_names: dict[int, str], found: dict[int, di
     for value, name in sorted(class_names.items()):
         report["classes"][name] = {"id": int(value), **found.get(value, {"voxels": 0, "slices": 0, "cases": 0})}
     absent = [n for n, c in report["classes"].items() if c["voxels"] == 0]
-    if absent and report["kind"] not in ("cityscapes", "bdd100k", "acdc"):  # driving subsets routinely lack rare classes
+    if absent and report["kind"] not in ("cityscapes", "bdd100k", "acdc", "mapillary"):  # driving subsets routinely lack rare classes
         report["warnings"].append(f"classes of the class map never found in the labels: {absent}")
 
 

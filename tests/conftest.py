@@ -71,6 +71,20 @@ def acdc_root(acdc_template, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mapillary_template(tmp_path_factory) -> Path:
+    """A small Mapillary Vistas-style tree (v2.0 labels + a generated config_v2.0.json, 2 training + 2 validation, 128×64), generated once."""
+    from samtune.datasets.driving_demo import generate_mapillary
+
+    return generate_mapillary(tmp_path_factory.mktemp("vistas") / "mapillary", n_train=2, n_val=2, size_wh=(128, 64))
+
+
+@pytest.fixture
+def mapillary_root(mapillary_template, tmp_path) -> Path:
+    """A private copy of the Mapillary Vistas-style tree that a test may modify."""
+    return Path(shutil.copytree(mapillary_template, tmp_path / "mapillary"))
+
+
+@pytest.fixture(scope="session")
 def coco_template(tmp_path_factory) -> Path:
     """The COCO demo tree (annotations/instances_{train,val}2017.json + images, 6 + 3 of 128×96), generated once."""
     pytest.importorskip("pycocotools")

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_a_shipped_recipe_runs_one_step(path, request, tmp_path):
     raw = yaml.safe_load(path.read_text())
-    root = request.getfixturevalue({"nifti": "phantom", "cityscapes": "cs_root", "bdd100k": "bdd_root", "acdc": "acdc_root", "coco": "coco_root", "dicom": "dicom_root"}[raw["data"]["kind"]])
+    root = request.getfixturevalue({"nifti": "phantom", "cityscapes": "cs_root", "bdd100k": "bdd_root", "acdc": "acdc_root", "mapillary": "mapillary_root", "coco": "coco_root", "dicom": "dicom_root"}[raw["data"]["kind"]])
     # the family's random tiny variant: a SAM 3 recipe keeps its text encoder (automatic.init: text)
     tiny, size = ("sam3-tiny-random", 56) if raw["model"]["name"].startswith("sam3") else ("tiny", 64)
     overrides = [

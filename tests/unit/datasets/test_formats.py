@@ -13,11 +13,11 @@ from samtune.finetune.recipe import validate_recipe
 
 def test_every_kind_registers_a_section_and_factories():
     formats = all_formats()
-    assert list(formats) == ["cityscapes", "bdd100k", "acdc", "nifti", "folder2d", "coco", "dicom"]
+    assert list(formats) == ["cityscapes", "bdd100k", "acdc", "mapillary", "nifti", "folder2d", "coco", "dicom"]
     for kind, fmt in formats.items():
         assert fmt.section.model_fields["kind"].annotation.__args__ == (kind,)
         assert callable(fmt.open) and callable(fmt.open_images)
-    assert {k for k, f in formats.items() if f.make_demo} == {"cityscapes", "bdd100k", "acdc", "nifti", "coco", "dicom"}
+    assert {k for k, f in formats.items() if f.make_demo} == {"cityscapes", "bdd100k", "acdc", "mapillary", "nifti", "coco", "dicom"}
     assert kinds_with_key("context_slices") == ["nifti", "dicom"] and kinds_with_key("cities") == ["cityscapes"]
     with pytest.raises(SamtuneError, match="did you mean `nifti`"):
         get_format("nifty")

@@ -109,11 +109,11 @@ def test_a_key_of_another_kind_names_the_kind_it_belongs_to(tmp_path):
     msg = _error(_write(tmp_path, "data: {kind: cityscapes, root: x}\n"), ["data.context_slices=2"])
     assert "`data.context_slices`: a key of data.kind=nifti / dicom, not of data.kind=cityscapes" in msg
     msg = _error(_write(tmp_path, "data: {kind: folder2d, root: x, generate_demo: true}\n"))
-    assert "a key of data.kind=cityscapes / bdd100k / acdc / nifti / coco / dicom, not of data.kind=folder2d" in msg
+    assert "a key of data.kind=cityscapes / bdd100k / acdc / mapillary / nifti / coco / dicom, not of data.kind=folder2d" in msg
 
 
 def test_data_kind_is_required_and_checked(tmp_path):
-    assert "`data.kind`: required key is missing (one of: cityscapes, bdd100k, acdc, nifti, folder2d, coco, dicom)" in _error(_write(tmp_path, "data: {root: x}\n"))
+    assert "`data.kind`: required key is missing (one of: cityscapes, bdd100k, acdc, mapillary, nifti, folder2d, coco, dicom)" in _error(_write(tmp_path, "data: {root: x}\n"))
     assert "did you mean `cityscapes`?" in _error(_write(tmp_path, "data: {kind: cityscape, root: x}\n"))
 
 
@@ -201,13 +201,13 @@ def _leaf_keys(node: dict, prefix: str = "") -> set[str]:
 
 def test_recipe_table_has_a_row_for_every_leaf_key(tmp_path):
     leaves = set()
-    for kind in ("nifti", "cityscapes", "bdd100k", "acdc", "folder2d", "coco", "dicom"):
+    for kind in ("nifti", "cityscapes", "bdd100k", "acdc", "mapillary", "folder2d", "coco", "dicom"):
         leaves |= _leaf_keys(yaml.safe_load(dump_recipe(load_recipe(_write(tmp_path, f"data: {{kind: {kind}, root: x}}\n")))))
     assert {"train.lr", "adapter.lora.rank", "data.window_hu", "data.cities", "seed", "output.dir"} <= leaves
     lines = recipe_table().splitlines()
     assert lines[0].startswith("| key |")
     kind_rows = [line for line in lines[2:] if line.startswith("| ***data.kind: ")]
-    assert [r.split("***")[1] for r in kind_rows] == ["data.kind: cityscapes", "data.kind: bdd100k", "data.kind: acdc", "data.kind: nifti",
+    assert [r.split("***")[1] for r in kind_rows] == ["data.kind: cityscapes", "data.kind: bdd100k", "data.kind: acdc", "data.kind: mapillary", "data.kind: nifti",
                                                            "data.kind: folder2d", "data.kind: coco", "data.kind: dicom"]
     rows = {line.split("|")[1].strip().strip("`"): line for line in lines[2:] if line not in kind_rows}
     assert set(rows) == leaves
