@@ -35,7 +35,7 @@ from samtune.finetune.automatic import has_class_prompts, predict_index_maps
 from samtune.finetune.predict.dicom_io import SEG_SUFFIX, check_output_format, predict_dicom, split_dicom_inputs
 from samtune.finetune.predict.label_files import label_classes, write_label_png, write_overlay, write_viewer_tables
 from samtune.finetune.checkpoints import read_classes
-from samtune.finetune.predict.prompt_file import Prompt, PromptSet, load_prompts
+from samtune.finetune.predict.prompt_file import PromptSet, check_pixel_prompt, display_prompt, load_prompts
 from samtune.finetune.predict.propagation import SlicePrompt, make_propagator, predict_slice
 from samtune.finetune.predict.onnx_engine import ENGINES, onnx_family
 from samtune.finetune.runtime import autocast, inference_model, resolve_precision
@@ -149,25 +149,6 @@ class Predictor:
             self._propagator = make_propagator(recipe.eval.propagation, self.model, self.family, get_variant(recipe.model.name),
                                                recipe.model.checkpoint, self.transform, self.device, self.prompted_mask)  # fmt: skip
         return self._propagator
-
-
-def _check_pixel(prompt: Prompt, shape: tuple[int, int], name: str) -> None:
-    """A prompt on an image: a box [x0, y0, x1, y1] within 0..w, 0..h (pixel edges) with x0 < x1 and
-    y0 < y1; points [x, y] on a pixel (indices -0.5..w-0.5, -0.5..h-0.5)."""
-    h, w = shape
-    box, points = prompt.box, prompt.points
-    if box is not None:
-        if box.shape != (4,):
-            raise SamtuneError(f"{prompt.where}: a box on an image (coordinates \"pixel\") is [x0, y0, x1, y1], not {box.tolist()} ({name}).")
-        if not (box[0] < box[2] and box[1] < box[3]):
-            raise SamtuneError(f"{prompt.where}: box {box.tolist()} is empty or inverted; give [x0, y0, x1, y1] with x0 < x1 and y0 < y1.")
-        if box.min() < 0 or box[0::2].max() > w or box[1::2].max() > h:
-            raise SamtuneError(f"{prompt.where}: box {box.tolist()} lies outside {name} ({w}×{h} px: x 0..{w}, y 0..{h}).")
-    if points is not None:
-        if points.shape[1] != 2:
-            raise SamtuneError(f"{prompt.where}: coordinates \"pixel\" take 2 numbers per point (x, y) on {name}, not {points.tolist()}.")
-        if (points < -0.5).any() or (points[:, 0] > w - 0.5).any() or (points[:, 1] > h - 0.5).any():
-            raise SamtuneError(f"{prompt.where}: points {points.tolist()} lie outside {name} ({w}×{h} px: x 0..{w - 1}, y 0..{h - 1}).")
 
 
 def predict(
@@ -303,7 +284,7 @@ def _predict_image(predictor: Predictor, source: SliceSource, index: int, out: P
         for p in given:
             if (prompts.coordinates or "pixel") != "pixel":
                 raise SamtuneError(f"{p.where}: images take coordinates \"pixel\", not {prompts.coordinates!r}.")
-            _check_pixel(p, image.shape[:2], str(file or name))
+            check_pixel_prompt(p, image.shape[:2], str(file or name))
             mask = predictor.prompted_mask(image, p.box, p.points, p.labels)
             values[mask] = space.file_values()[space.names.index(p.class_name)]
     path = write_label_png(values, out / f"{name}.png")
@@ -349,7 +330,7 @@ def _predict_volume(predictor: Predictor, source, path: Path, out: Path, prompts
             label[source.slice_position(index)[1]] = space.to_source_ids(index_map)
     else:
         # every prompt mapped (and checked) before any slice is predicted
-        given = [(p, _display_prompt(p, prompts.coordinates or "voxel", path, case.meta)) for p in prompts.for_input(name, Path(path))]
+        given = [(p, display_prompt(p, prompts.coordinates or "voxel", path, case.meta)) for p in prompts.for_input(name, Path(path))]
         for p, (z, box, points) in given:
             _propagate(predictor, source, label, z, box, points, p.labels, space.ids[space.names.index(p.class_name)])
     file_label = display_to_file_order(label, path, case.meta)
@@ -382,41 +363,6 @@ def _source_to_file_lut(space: LabelSpace) -> np.ndarray:
     lut = np.full(256, space.file_background, np.uint8 if max(space.file_values(), default=0) < 256 else np.int64)
     lut[space.ids] = space.file_values()
     return lut
-
-
-def _display_prompt(p: Prompt, coordinates: str, path: Path, meta: dict):
-    """A volume prompt -> (display slice z, box xyxy or None, points N×2 or None) in slice px."""
-    from samtune.datasets.nifti_geometry import voxel_to_display, world_to_display
-
-    if coordinates == "pixel":
-        raise SamtuneError(f"{p.where}: volumes take coordinates \"voxel\" (i, j, k of the file), \"RAS\" or \"LPS\" (mm), not \"pixel\".")
-
-    def to_display(xyz) -> np.ndarray:
-        xyz = np.asarray(xyz, float)
-        if xyz.shape != (3,):
-            raise SamtuneError(f"{p.where}: coordinates {coordinates!r} take 3 numbers per point, got {xyz.tolist()}.")
-        if coordinates == "voxel":
-            zrc = np.asarray(voxel_to_display(xyz, path, meta))
-        else:
-            zrc = np.asarray(world_to_display(xyz, coordinates, path, meta))
-        # the same voxel given in mm (RAS/LPS) lands within rounding error of its index: snap it,
-        # so voxel, RAS and LPS prompts for the same place give the same box
-        return np.where(np.abs(zrc - np.round(zrc)) < 1e-6, np.round(zrc), zrc)
-
-    if p.box is not None and p.box.shape != (2, 3):
-        raise SamtuneError(f"{p.where}: a volume box is two opposite corners [[., ., .], [., ., .]] (coordinates {coordinates!r}), not {p.box.tolist()}.")
-    corners = [to_display(c) for c in p.box] if p.box is not None else []
-    points = [to_display(c) for c in p.points] if p.points is not None else []
-    allz = [c[0] for c in corners + points]
-    z = int(round(allz[0]))
-    if max(abs(v - z) for v in allz) > 0.5 + 1e-6:
-        raise SamtuneError(f"{p.where}: the box corners and points lie on different axial slices ({sorted(set(int(round(v)) for v in allz))}); give a prompt on one slice, it is propagated through the volume.")
-    box = None
-    if corners:
-        rows, cols = [c[1] for c in corners], [c[2] for c in corners]
-        box = np.array([min(cols), min(rows), max(cols) + 1, max(rows) + 1], float)  # voxel centres -> pixel edges
-    pts = np.array([[c[2], c[1]] for c in points], float) if points else None  # (x, y) = (column, row) indices
-    return z, box, pts
 
 
 def _propagate(predictor: Predictor, source, label: np.ndarray, z0: int, box, points, labels, value: int) -> str:

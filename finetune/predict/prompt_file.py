@@ -114,3 +114,57 @@ def load_prompts(path: str | Path, class_names: list[str]) -> PromptSet:
             raise SamtuneError(f"{where}: {exc}.") from None
         out.prompts.append(Prompt(name, box, points, labels, item.get("input"), where))
     return out
+
+
+def check_pixel_prompt(prompt: Prompt, shape: tuple[int, int], name: str) -> None:
+    """A prompt on an image: a box [x0, y0, x1, y1] within 0..w, 0..h (pixel edges) with x0 < x1 and
+    y0 < y1; points [x, y] on a pixel (indices -0.5..w-0.5, -0.5..h-0.5)."""
+    h, w = shape
+    box, points = prompt.box, prompt.points
+    if box is not None:
+        if box.shape != (4,):
+            raise SamtuneError(f"{prompt.where}: a box on an image (coordinates \"pixel\") is [x0, y0, x1, y1], not {box.tolist()} ({name}).")
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise SamtuneError(f"{prompt.where}: box {box.tolist()} is empty or inverted; give [x0, y0, x1, y1] with x0 < x1 and y0 < y1.")
+        if box.min() < 0 or box[0::2].max() > w or box[1::2].max() > h:
+            raise SamtuneError(f"{prompt.where}: box {box.tolist()} lies outside {name} ({w}×{h} px: x 0..{w}, y 0..{h}).")
+    if points is not None:
+        if points.shape[1] != 2:
+            raise SamtuneError(f"{prompt.where}: coordinates \"pixel\" take 2 numbers per point (x, y) on {name}, not {points.tolist()}.")
+        if (points < -0.5).any() or (points[:, 0] > w - 0.5).any() or (points[:, 1] > h - 0.5).any():
+            raise SamtuneError(f"{prompt.where}: points {points.tolist()} lie outside {name} ({w}×{h} px: x 0..{w - 1}, y 0..{h - 1}).")
+
+
+def display_prompt(p: Prompt, coordinates: str, path: Path, meta: dict):
+    """A volume prompt -> (display slice z, box xyxy or None, points N×2 or None) in slice px."""
+    from samtune.datasets.nifti_geometry import voxel_to_display, world_to_display
+
+    if coordinates == "pixel":
+        raise SamtuneError(f"{p.where}: volumes take coordinates \"voxel\" (i, j, k of the file), \"RAS\" or \"LPS\" (mm), not \"pixel\".")
+
+    def to_display(xyz) -> np.ndarray:
+        xyz = np.asarray(xyz, float)
+        if xyz.shape != (3,):
+            raise SamtuneError(f"{p.where}: coordinates {coordinates!r} take 3 numbers per point, got {xyz.tolist()}.")
+        if coordinates == "voxel":
+            zrc = np.asarray(voxel_to_display(xyz, path, meta))
+        else:
+            zrc = np.asarray(world_to_display(xyz, coordinates, path, meta))
+        # the same voxel given in mm (RAS/LPS) lands within rounding error of its index: snap it,
+        # so voxel, RAS and LPS prompts for the same place give the same box
+        return np.where(np.abs(zrc - np.round(zrc)) < 1e-6, np.round(zrc), zrc)
+
+    if p.box is not None and p.box.shape != (2, 3):
+        raise SamtuneError(f"{p.where}: a volume box is two opposite corners [[., ., .], [., ., .]] (coordinates {coordinates!r}), not {p.box.tolist()}.")
+    corners = [to_display(c) for c in p.box] if p.box is not None else []
+    points = [to_display(c) for c in p.points] if p.points is not None else []
+    allz = [c[0] for c in corners + points]
+    z = int(round(allz[0]))
+    if max(abs(v - z) for v in allz) > 0.5 + 1e-6:
+        raise SamtuneError(f"{p.where}: the box corners and points lie on different axial slices ({sorted(set(int(round(v)) for v in allz))}); give a prompt on one slice, it is propagated through the volume.")
+    box = None
+    if corners:
+        rows, cols = [c[1] for c in corners], [c[2] for c in corners]
+        box = np.array([min(cols), min(rows), max(cols) + 1, max(rows) + 1], float)  # voxel centres -> pixel edges
+    pts = np.array([[c[2], c[1]] for c in points], float) if points else None  # (x, y) = (column, row) indices
+    return z, box, pts

@@ -26,6 +26,7 @@ from samtune.datasets.cityscapes import TRAIN_CLASSES, cityscapes_label_space
 from samtune.datasets.formats import open_images
 from samtune.datasets.source import LabelSpace
 from samtune.finetune import api
+from samtune.finetune.predict.prompt_file import Prompt, display_prompt
 from samtune.finetune.recipe import load_recipe
 
 CT_SPACE = LabelSpace([1, 2, 3, 4], ["liver", "spleen", "kidney_right", "kidney_left"])
@@ -356,8 +357,8 @@ def test_prompted_point_lands_on_its_voxel(ct_model, tmp_path):
     case = source.cases[0]
     world = LPS_OBLIQUE[:3, :3] @ voxel + LPS_OBLIQUE[:3, 3]
     for system, xyz in (("voxel", voxel), ("RAS", world), ("LPS", world * [-1, -1, 1])):
-        prompt = P.Prompt("liver", points=np.array([xyz], float), labels=np.array([1]), where="test")
-        z, box, points = P._display_prompt(prompt, system, scan, case.meta)
+        prompt = Prompt("liver", points=np.array([xyz], float), labels=np.array([1]), where="test")
+        z, box, points = display_prompt(prompt, system, scan, case.meta)
         assert box is None and points.shape == (1, 2)
         col, row = points[0]
         assert (z, row, col) == tuple(round(v) for v in (z, row, col))  # snapped to the pixel
