@@ -101,6 +101,7 @@ def read_png_rgb(path: Path) -> np.ndarray:
     return image if _IMREAD_RGB != cv2.IMREAD_COLOR else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+INSTANCE_IDS_SUFFIX = "_gtFine_instanceIds.png"
 N_LABEL_IDS = 34  # labelIds 0..33; license plate (-1) is never drawn into the PNGs (cityscapesScripts)
 _SCAN_THREADS = 8  # PNG decoding releases the GIL: labels are scanned in parallel
 
@@ -329,10 +330,57 @@ class CityscapesSource(TrainIdSource):
             else:
                 pairs.append(LabelPair(image, chosen, chosen is train_ids, stem))
         super().__init__(pairs, on_bad_case)
+        self._instances: tuple[int, np.ndarray] | None = None  # the last instanceIds file read
 
     def prediction_name(self, index: int) -> str:
         """``{city}/{city}_{seq}_{frame}_gtFine_labelIds.png``, as the ground truth is named."""
         return f"{self.images[index].parent.name}/{prediction_name(self.images[index])}"
+
+    # ---- instances: *_gtFine_instanceIds.png (cityscapesScripts' json2instanceImg) ----
+    def instance_file(self, index: int) -> Path:
+        return self.labels[index].parent / f"{self.stems[index]}{INSTANCE_IDS_SUFFIX}"
+
+    def instance_problem(self) -> str | None:
+        missing = [self.instance_file(i) for i in range(len(self)) if not self.instance_file(i).is_file()]
+        if not missing:
+            return None
+        return (f"{len(missing)} of {len(self)} images have no {INSTANCE_IDS_SUFFIX} (first: {missing[0]}); put the gtFine "
+                "instanceIds files of the official download beside the labelIds files (or write them from the polygons "
+                "with cityscapesScripts' json2instanceImg), or use prompts.per: component")
+
+    def instance_ids(self, index: int) -> np.ndarray:
+        if self._instances is not None and self._instances[0] == index:
+            return self._instances[1]
+        path = self.instance_file(index)
+        ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if ids is None:
+            raise SamtuneError(f"{path}: missing or not a readable PNG; {self.instance_problem() or 're-extract it'}.")
+        label_shape = self.load_label(index).shape
+        if ids.ndim != 2 or ids.dtype not in (np.uint16, np.int32, np.uint8) or ids.shape != label_shape:
+            raise SamtuneError(
+                f"{path}: {ids.dtype} {'×'.join(map(str, ids.shape))} image; an instanceIds file is a single-channel 16-bit PNG "
+                f"the size of its label ({label_shape[1]}×{label_shape[0]}). Re-extract it from the official gtFine download."
+            )
+        self._instances = (index, ids.astype(np.int32))
+        return self._instances[1]
+
+    def load_instances(self, index: int) -> np.ndarray:
+        """Instance k (1..n) = the k-th distinct id >= 1000 of the instanceIds file; group/crowd regions
+        and stuff (ids < 1000) are 0."""
+        ids = self.instance_ids(index)
+        values, inverse = np.unique(ids, return_inverse=True)
+        number = np.cumsum(values >= 1000) * (values >= 1000)
+        return number.astype(np.uint16)[inverse.reshape(ids.shape)]
+
+    def slice_instances(self, index: int) -> dict[int, list[int]]:
+        """trainId -> sizes of its instances, largest first (caravan/trailer instances: no trainId, left out)."""
+        values, counts = np.unique(self.instance_ids(index), return_counts=True)
+        sizes: dict[int, list[int]] = {}
+        for value, count in zip(values.tolist(), counts.tolist()):
+            train_id = int(LABEL_TO_TRAIN[value // 1000]) if value >= 1000 and value // 1000 < 256 else IGNORE_INDEX
+            if train_id != IGNORE_INDEX:
+                sizes.setdefault(train_id, []).append(int(count))
+        return {c: sorted(s, reverse=True) for c, s in sorted(sizes.items())}
 
 
 class CityscapesData(DataSectionBase, DemoKeys):

@@ -10,9 +10,9 @@ image_id, category_id, segmentation, iscrowd), as the COCO format defines them
 - Classes are the categories: class value = category id (1..254: samtune keeps label maps in
   8 bits, 0 background, 255 ignored), name = the category's name; ``data.classes`` picks a subset
   by name. Both splits must list the same categories.
-- Each annotation is one object to prompt (``prompts.per: component`` prompts instances, not
-  connected components, so touching objects of one class stay separate; ``per: class`` prompts
-  the union of a class). Segmentations are polygons, uncompressed RLE (``counts`` a list) or
+- Each annotation is one object to prompt with ``prompts.per: instance`` (touching objects of one
+  class stay separate; ``per: component`` prompts connected components, ``per: class`` the union
+  of a class). Segmentations are polygons, uncompressed RLE (``counts`` a list) or
   compressed RLE (a string), decoded with pycocotools as its ``COCO.annToMask`` does.
 - ``iscrowd: 1`` regions are ignored pixels (255) in the label map and never prompted.
 - Overlaps: annotations are painted in file order, a later one wins (crowd regions included); an
@@ -196,7 +196,10 @@ class CocoSource(SliceSource):
     def slice_classes(self, index: int) -> dict[int, int]:
         return dict(self.counts[index])
 
-    def slice_components(self, index: int) -> dict[int, list[int]]:
+    def instance_problem(self) -> None:
+        return None  # every annotation is an instance
+
+    def slice_instances(self, index: int) -> dict[int, list[int]]:
         """Category id -> visible pixels of each of its instances, largest first."""
         return {c: list(s) for c, s in self.components[index].items()}
 

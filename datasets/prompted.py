@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from samtune import SamtuneError
 from samtune.datasets import sample as S
 from samtune.datasets.checks import check_image_range
 from samtune.datasets.prompts import PromptOptions, instance_objects, sample_box, sample_points, split_objects
@@ -61,17 +62,19 @@ class PromptedDataset(Dataset):
         self.augment = augment if training else None
         # points are only ever used when some first prompts are points: skip sampling them otherwise
         self.n_points = (prompts.positive_points, prompts.negative_points) if prompts.box_probability < 1 else (0, 0)
+        if prompts.per == "instance" and (problem := source.instance_problem()):
+            raise SamtuneError(f"prompts.per=instance: {problem}.")
         wanted = set(classes) if classes else None
         self.class_names = {k: v for k, v in source.class_names.items() if wanted is None or v in wanted}
-        # (source index, class id, component rank) triples: the objects big enough to prompt.
-        # Evaluation in per-component mode has one sample per component.
+        # (source index, class id, object rank) triples: the objects big enough to prompt.
+        # Evaluation in per-component / per-instance mode has one sample per object.
         self.pairs: list[tuple[int, int, int]] = []
         for index in range(len(source)):
             for class_id, count in sorted(source.slice_classes(index).items()):
                 if class_id not in self.class_names or count < min_pixels:
                     continue
-                if prompts.per == "component" and not training:
-                    n = sum(size >= min_pixels for size in self._component_sizes(index, class_id))
+                if prompts.per != "class" and not training:
+                    n = sum(size >= min_pixels for size in self._object_sizes(index, class_id, count))
                     self.pairs.extend((index, class_id, k) for k in range(n))
                 else:
                     self.pairs.append((index, class_id, 0))
@@ -99,9 +102,12 @@ class PromptedDataset(Dataset):
         """Continue the jitter sequence of a resumed run where its state was written."""
         self._draws = int(draws)
 
-    def _component_sizes(self, index: int, class_id: int) -> list[int]:
-        """Pixel counts of one class's connected components, largest first: from the source's
-        slice index when it has one (cached NIfTI), else from the label map."""
+    def _object_sizes(self, index: int, class_id: int, pixels: int) -> list[int]:
+        """Pixel counts of one class's objects, largest first: its annotated instances (per: instance;
+        the whole class where none is annotated, as ``instance_objects``), else its connected
+        components, from the source's slice index when it has one (cached NIfTI) or the label map."""
+        if self.prompts.per == "instance":
+            return list(self.source.slice_instances(index).get(class_id, [])) or [pixels]
         indexed = self.source.slice_components(index)
         if indexed is not None:
             return list(indexed.get(class_id, []))
@@ -121,8 +127,8 @@ class PromptedDataset(Dataset):
         else:
             index, class_id, component = self.pairs[k]
         image, label = self.source.load(index)
-        # annotated instances (COCO) are the objects of per-component prompting where a source has them
-        instances = self.source.load_instances(index) if self.prompts.per == "component" else None
+        # annotated instances (COCO, Cityscapes) are the objects of per-instance prompting
+        instances = self.source.load_instances(index) if self.prompts.per == "instance" else None
         item = self.source.item_id(index)
         check_image_range(image, item)
         original = image.shape[:2]
@@ -150,12 +156,16 @@ class PromptedDataset(Dataset):
                     objects.append((int(class_id), candidates[rng.integers(len(candidates))]))
                 else:  # every object is under a pixel after resizing
                     objects.append((int(class_id), self._scaled_box_mask(label == class_id, original)))
-        else:
-            candidates = objects_of(class_id)
-            if candidates[0].any():
-                objects.append((class_id, candidates[min(component, len(candidates) - 1)]))
+        else:  # the object at the original resolution, then resized as the label is (the same rank at both)
+            if instances is not None:
+                target = instance_objects(instances, label == class_id)[component]
+            else:
+                target = split_objects(label == class_id, self.prompts.per)[component]
+            resized_target = self._resize_instances(target.view(np.uint8)).view(bool)
+            if resized_target.any():
+                objects.append((class_id, resized_target))
             else:  # smaller than one pixel after resizing: prompt with the scaled original box
-                objects.append((class_id, self._scaled_box_mask(label == class_id, original)))
+                objects.append((class_id, self._scaled_box_mask(target, original)))
         boxes, points, labels = [], [], []
         resized = self.transform.resized_shape(original)
         for _, mask in objects:
@@ -171,12 +181,6 @@ class PromptedDataset(Dataset):
             "resized_size": resized,
         }
         if not self.training:
-            if instances is not None:
-                target = instance_objects(instances, label == class_id)[component]
-            elif self.prompts.per == "component":
-                target = split_objects(label == class_id, "component")[component]
-            else:
-                target = label == class_id
             meta["targets"] = [target]
             meta["ignore"] = label == self.source.ignore_index
         return {

@@ -114,10 +114,25 @@ class SliceSource(ABC):
         them indexed (cached NIfTI); None: the caller computes them from the label map."""
         return None
 
+    def instance_problem(self) -> str | None:
+        """None where every image has instance annotations (``prompts.per: instance`` can be used),
+        else why not, with the fix."""
+        return f"{type(self).__name__} has no instance annotations (data.kind cityscapes with *_gtFine_instanceIds.png, or coco, have them)"
+
     def load_instances(self, index: int) -> np.ndarray | None:
         """H×W uint16 instance map of image ``index`` (0: no instance; k: one annotated object, of the
-        class the label map holds there) for formats that annotate instances (COCO); None: the
-        objects are the label map's classes or its connected components."""
+        class the label map holds there) for formats that annotate instances (COCO, Cityscapes);
+        None: the objects are the label map's classes or its connected components."""
+        return None
+
+    def slice_instances(self, index: int) -> dict[int, list[int]] | None:
+        """Class id -> visible pixels of each of its annotated instances, largest first (formats with
+        instances); None: none annotated."""
+        return None
+
+    def instance_ids(self, index: int) -> np.ndarray | None:
+        """H×W int32 ground truth of the Cityscapes instance benchmark (labelId × 1000 + n for each
+        object of a thing class, the labelId elsewhere), for instance AP; None for other formats."""
         return None
 
     def consistency_problems(self) -> list[dict]:

@@ -199,12 +199,25 @@ class _Canvas:
     def __init__(self, w, h, rng):
         self.rng, self.yy, self.xx = rng, *np.mgrid[0:h, 0:w].astype(np.float32)
         self.label, self.inst = np.zeros((h, w), np.uint8), np.zeros((h, w), int)
+        self.obj = np.zeros((h, w), np.int32)  # annotated object (thing classes): 0 none, painted over -> 0
         self.colours = [np.zeros(3)]  # instance 0: never shown, everything is painted over
 
-    def paint(self, mask, cls, sd=12.0, colour=None):
+    def paint(self, mask, cls, sd=12.0, colour=None, obj=0, rng=None):
         base = np.asarray(_CS_COLOUR[cls] if colour is None else colour, float)
-        self.colours.append(base + self.rng.normal(0.0, sd, 3))
-        self.label[mask], self.inst[mask] = cls, len(self.colours) - 1
+        self.colours.append(base + (rng or self.rng).normal(0.0, sd, 3))
+        self.label[mask], self.inst[mask], self.obj[mask] = cls, len(self.colours) - 1, obj
+
+    def instance_ids(self) -> np.ndarray:
+        """H×W uint16 Cityscapes instanceIds: labelId × 1000 + n for the n-th (from 0) visible object
+        of a class, as cityscapesScripts' json2instanceImg numbers them; the labelId elsewhere."""
+        ids = self.label.astype(np.uint16)
+        counts: dict[int, int] = {}
+        for obj in np.unique(self.obj[self.obj > 0]).tolist():
+            where = self.obj == obj
+            cls = int(self.label[where][0])
+            ids[where] = cls * 1000 + counts.get(cls, 0)
+            counts[cls] = counts.get(cls, 0) + 1
+        return ids
 
     def rect(self, x0, y0, x1, y1):
         return (self.xx >= x0) & (self.xx < x1) & (self.yy >= y0) & (self.yy < y1)
@@ -215,6 +228,17 @@ class _Canvas:
 
 def _city_scene(rng, w, h, ego):
     """One street scene of ``w`` x ``h`` px: (RGB uint8 (h, w, 3), labelIds uint8 (h, w))."""
+    return city_scene(rng, w, h, ego)[:2]
+
+
+def city_scene(rng, w, h, ego, row_rng=None):
+    """(RGB uint8 (h, w, 3), labelIds uint8 (h, w), instanceIds uint16 (h, w)) of one street scene.
+
+    Cars and persons are annotated objects. ``row_rng``: also a row of 2-4 cars parked bumper to
+    bumper along a curb (touching: one connected component, several instances) and, in some
+    scenes, a "car group" region (labelId 26 without an instance number, as Cityscapes marks a
+    crowd of cars), drawn from this generator so the rest of the scene stays as without it.
+    """
     cv, U = _Canvas(w, h, rng), rng.uniform
     yy, xx = cv.yy, cv.xx
     yh, xv = h * U(0.36, 0.5), w * U(0.35, 0.65)  # horizon row, vanishing-point column
@@ -251,24 +275,42 @@ def _city_scene(rng, w, h, ego):
     objs += [("pole", y_of(0.15, 0.9)) for _ in range(rng.integers(1, 4) if U() < 0.85 else 0)]
     objs += [("tree", y_of(0.1, 0.8)) for _ in range(rng.integers(1, 4) if U() < 0.85 else 0)]
     objs += [("static", y_of(0.2, 0.9)) for _ in range(rng.integers(1, 4))]
+    if row_rng is not None:
+        objs += [("row", yh + (ego_top - yh) * row_rng.uniform(0.35, 0.8))]
+        objs += [("group", yh + (ego_top - yh) * row_rng.uniform(0.2, 0.4))] if row_rng.uniform() < 0.5 else []
+    n_obj = 0
     for kind, y in sorted(objs, key=lambda o: o[1]):
         tt = (y - yh) / (h - yh)
         m = (xr - xl) * tt / 8.0  # pixels per metre at this row: the road is 8 m wide
+        if kind in ("row", "group"):  # parked cars from row_rng: the main generator's draws are untouched
+            side = row_rng.uniform() < 0.5
+            x_edge = xv + ((xl if side else xr) - xv) * tt  # the road edge at this row
+            cw, ch = m * row_rng.uniform(1.7, 2.0), m * row_rng.uniform(1.35, 1.6)
+            n = int(row_rng.integers(2, 5)) if kind == "row" else 1
+            x0 = x_edge + 0.1 * m if side else x_edge - 0.1 * m - n * cw
+            for j in range(n):
+                n_obj += kind == "row"
+                box = cv.rect(x0 + j * cw, y - 0.6 * ch, x0 + (j + 1) * cw, y)
+                cabin = cv.rect(x0 + (j + 0.15) * cw, y - ch, x0 + (j + 0.85) * cw, y - 0.6 * ch)
+                cv.paint(box | cabin, 26, sd=45, obj=n_obj if kind == "row" else 0, rng=row_rng)
+            continue
         curb, out = (xl, sl) if U() < 0.5 else (xr, sr)  # which sidewalk; its edges at this row:
         x_curb, x_out = xv + (curb - xv) * tt, xv + (out - xv) * tt
         xs = x_curb + (x_out - x_curb) * U(0.15, 0.85)  # somewhere on that sidewalk
         if kind == "car":
             cw, ch = m * U(1.7, 2.0), m * U(1.35, 1.6)
             cx = xv + (xl - xv) * tt + 8 * m * U(0.12, 0.88)
-            cv.paint(cv.rect(cx - cw / 2, y - 0.6 * ch, cx + cw / 2, y), 26, sd=45)  # body
+            n_obj += 1
+            cv.paint(cv.rect(cx - cw / 2, y - 0.6 * ch, cx + cw / 2, y), 26, sd=45, obj=n_obj)  # body
             cv.paint(cv.rect(cx - 0.35 * cw, y - ch, cx + 0.35 * cw, y - 0.6 * ch), 26, sd=10,
-                     colour=(45, 55, 70))  # cabin with dark glass
+                     colour=(45, 55, 70), obj=n_obj)  # cabin with dark glass
         elif kind == "person":
             ph = m * U(1.55, 1.9)
             body = cv.rect(xs - 0.12 * ph, y - 0.8 * ph, xs + 0.12 * ph, y - 0.48 * ph)
             legs = cv.rect(xs - 0.08 * ph, y - 0.48 * ph, xs + 0.08 * ph, y)
             head = cv.ellipse(xs, y - 0.88 * ph, 0.07 * ph, 0.08 * ph)
-            cv.paint(body | legs | head, 24, sd=40)
+            n_obj += 1
+            cv.paint(body | legs | head, 24, sd=40, obj=n_obj)
         elif kind == "pole":
             xp, pw = x_curb + (x_out - x_curb) * 0.1, max(1.0, 0.15 * m)
             cv.paint(cv.rect(xp - pw / 2, y - 6 * m, xp + pw / 2 + 0.5, y), 17)
@@ -301,11 +343,12 @@ def _city_scene(rng, w, h, ego):
     missing = set(CS_REQUIRED_IDS) - set(np.unique(cv.label).tolist())
     if missing:
         raise RuntimeError(f"size {w}x{h} too small: scene lacks labelIds {sorted(missing)}")
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), cv.label
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), cv.label, cv.instance_ids()
 
 
 def generate_cityscapes(out_dir, n_train=24, n_val=8, size_wh=(512, 256), seed=0) -> Path:
-    """Write ``out_dir/leftImg8bit`` and ``out_dir/gtFine`` (labelIds PNGs) and return ``out_dir``.
+    """Write ``out_dir/leftImg8bit`` and ``out_dir/gtFine`` (labelIds and 16-bit instanceIds PNGs, each
+    scene with a row of touching parked cars) and return ``out_dir``.
 
     Train images are split between "aachen" and "bochum", val images go to "frankfurt"; names
     follow ``{city}_{seq:06d}_000019_{leftImg8bit,gtFine_labelIds}.png``. ``size_wh`` is (width,
@@ -321,10 +364,11 @@ def generate_cityscapes(out_dir, n_train=24, n_val=8, size_wh=(512, 256), seed=0
 
     def write(tmp: Path) -> None:
         for split, city, code, i in jobs:
-            img, lab = _city_scene(np.random.default_rng([seed, 1, code, i]), w, h, ego=i % 2 == 0)
+            img, lab, inst = city_scene(np.random.default_rng([seed, 1, code, i]), w, h, i % 2 == 0,
+                                        np.random.default_rng([seed, 2, code, i]))
             stem = f"{city}_{i:06d}_000019"
             for top, suffix, arr in (("leftImg8bit", "leftImg8bit", img),
-                                     ("gtFine", "gtFine_labelIds", lab)):
+                                     ("gtFine", "gtFine_labelIds", lab), ("gtFine", "gtFine_instanceIds", inst)):
                 folder = tmp / top / split / city
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(arr).save(folder / f"{stem}_{suffix}.png")

@@ -99,7 +99,7 @@ class TrainSection(_Section):
 
 
 class PromptsSection(_Section):
-    per: Literal["class", "component"] = Field("class", description="one prompted object per class present, or per connected component of each class (per annotated instance where the data has instances: `coco`)")
+    per: Literal["class", "component", "instance"] = Field("class", description="one prompted object per class present (`class`), per connected component of each class (`component`), or per annotated instance (`instance`: data with instances, `cityscapes` *_gtFine_instanceIds.png and `coco`; classes without instances, e.g. Cityscapes stuff, stay one object per class)")
     per_image: int = Field(1, ge=1, description="training: objects prompted per image per step, sharing one image-encoder pass (batch = `train.batch_size` images × this)")
     box_probability: float = Field(1.0, ge=0, le=1, description="chance that a training step's first prompt is a box, otherwise points (SAM-Med2D: 0.5); evaluation uses the box when >= 0.5")
     box_jitter_px: float = Field(5.0, ge=0, description="box prompt: each edge moved outward by uniform 0..jitter_px, in model input px")

@@ -68,12 +68,12 @@ def test_crowd_is_ignored_and_never_prompted(root):
 
 def test_one_prompted_object_per_instance_touching_discs_stay_apart(root):
     source = _open(root).train
-    assert source.slice_components(0)[1] == [528, 516]  # two touching discs of class 1
+    assert source.slice_instances(0)[1] == [528, 516]  # two touching discs of class 1
     label = source.load(0)[1]
     from scipy import ndimage
 
     assert ndimage.label(label == 1)[1] == 1  # one connected component ...
-    ds = PromptedDataset(source, LongestSideTransform(128), PromptsSection(per="component"), min_pixels=10, training=False, seed=0)
+    ds = PromptedDataset(source, LongestSideTransform(128), PromptsSection(per="instance"), min_pixels=10, training=False, seed=0)
     discs = [ds[k] for k, p in enumerate(ds.pairs) if p[:2] == (0, 1)]
     assert len(discs) == 2  # ... but two objects, each its own box
     targets = [d[S.META]["targets"][0] for d in discs]
@@ -81,7 +81,7 @@ def test_one_prompted_object_per_instance_touching_discs_stay_apart(root):
     assert discs[0][S.BOXES][0, 0] > discs[1][S.BOXES][0, 0] + 15  # the later (right) disc, whole, is the larger
     per_class = PromptedDataset(source, LongestSideTransform(128), PromptsSection(per="class"), min_pixels=10, training=False, seed=0)
     assert sum(p[:2] == (0, 1) for p in per_class.pairs) == 1
-    train = PromptedDataset(source, LongestSideTransform(128), PromptsSection(per="component"), min_pixels=10, training=True, seed=0, per_image=6)
+    train = PromptedDataset(source, LongestSideTransform(128), PromptsSection(per="instance"), min_pixels=10, training=True, seed=0, per_image=6)
     masks = train[0][S.MASKS].numpy().astype(bool)
     assert {int(m.sum()) for m in masks} <= {528, 516, 384, 311}  # instances, never the union 1044
 
@@ -144,7 +144,7 @@ def test_instances_follow_augmentation_and_square_resize(root):
     source = _open(root).train
     flip = build_augmentation([{"name": "HorizontalFlip", "p": 1.0}])
     for transform in (LongestSideTransform(128), SquareResizeTransform(96)):
-        ds = PromptedDataset(source, transform, PromptsSection(per="component", box_jitter_px=0), min_pixels=10, training=True,
+        ds = PromptedDataset(source, transform, PromptsSection(per="instance", box_jitter_px=0), min_pixels=10, training=True,
                              seed=0, per_image=8, augment=flip)  # fmt: skip
         sample = ds[0]
         masks = sample[S.MASKS].numpy().astype(bool)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 import pytest
 from PIL import Image
 
@@ -175,8 +176,11 @@ def test_ct_rejects_too_small_volumes(tmp_path):
 def test_cityscapes_layout(cs_root):
     rel = sorted(p.relative_to(cs_root).as_posix() for p in cs_root.rglob("*.png"))
     assert rel == [
+        "gtFine/train/aachen/aachen_000000_000019_gtFine_instanceIds.png",
         "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png",
+        "gtFine/train/bochum/bochum_000000_000019_gtFine_instanceIds.png",
         "gtFine/train/bochum/bochum_000000_000019_gtFine_labelIds.png",
+        "gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_instanceIds.png",
         "gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png",
         "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png",
         "leftImg8bit/train/bochum/bochum_000000_000019_leftImg8bit.png",
@@ -184,6 +188,28 @@ def test_cityscapes_layout(cs_root):
     ]
     pattern = re.compile(r"[a-z]+_\d{6}_\d{6}_leftImg8bit\.png")
     assert all(pattern.fullmatch(Path(p).name) for p in rel if p.startswith("leftImg8bit"))
+
+
+def test_cityscapes_instance_ids_follow_the_official_encoding_and_cars_touch(tmp_path):
+    """instanceIds = labelId × 1000 + n (n from 0 per class, as json2instanceImg numbers them) on car and
+    person objects, the labelId elsewhere (car groups included); every scene has touching cars: two
+    instances in one connected component of the car class."""
+    root = generate_cityscapes(tmp_path / "cs", n_train=0, n_val=4, size_wh=(256, 128))
+    groups = 0
+    for label_path in sorted(root.glob("gtFine/val/*/*_gtFine_labelIds.png")):
+        with Image.open(label_path) as lb, Image.open(str(label_path).replace("labelIds", "instanceIds")) as ins:
+            labels, ids = np.asarray(lb).astype(np.int64), np.asarray(ins).astype(np.int64)
+        assert ids.shape == labels.shape and ids.max() < 2**16
+        things = ids >= 1000
+        assert np.array_equal(ids[~things], labels[~things]) and np.array_equal(ids[things] // 1000, labels[things])
+        assert set(np.unique(ids[things] // 1000).tolist()) <= {24, 26}
+        for cls in (24, 26):
+            numbers = sorted(np.unique(ids[ids // 1000 == cls] % 1000).tolist())
+            assert numbers == list(range(len(numbers)))
+        groups += bool(((labels == 26) & ~things).any())
+        components, _ = ndimage.label(labels == 26, structure=np.ones((3, 3), bool))
+        assert any(len(np.unique(ids[(components == k) & things])) >= 2 for k in range(1, components.max() + 1))
+    assert groups >= 1  # a "car group" region (labelId 26 without an instance) in some scene
 
 
 def test_cityscapes_images_and_labels(cs_root):
