@@ -6,9 +6,11 @@ tests run without downloading anything.
 BDD100K gets JPEG images and trainId masks (as its sem_seg masks are); ACDC gets one sequence per
 condition and split, PNG images given a crude look of the condition (fog: a grey veil growing
 towards the horizon; night: dark with a cold tint; rain: darker with bright streaks; snow: white
-flakes) and Cityscapes labelIds; Mapillary Vistas gets JPEGs, palette label PNGs and a small
-generated config of its own (a few classes, two not evaluated), not the official one. Same
-determinism and atomic build as the other demo trees.
+flakes) and Cityscapes labelIds; Mapillary Vistas gets JPEGs and, as the v2.0 download has, both
+label versions: palette label PNGs and a small generated config per version (a dozen labels named
+as in that version's official config, two not evaluated; v1.2 in the official alphabetical order,
+so its label values differ from v2.0's), not the official configs. Same determinism and atomic
+build as the other demo trees.
 """
 
 from __future__ import annotations
@@ -102,57 +104,74 @@ def generate_acdc(out_dir, n_train=1, n_val=1, size_wh=(256, 128), seed=0) -> Pa
     return Path(out_dir)
 
 
-# The demo's Mapillary Vistas class list: a handful of entries shaped like the official config's
-# (name, readable, color, evaluate); Cityscapes labelId of the synthetic scene -> label value.
+# The demo's Mapillary Vistas class list: a dozen entries shaped like the official configs' (v1.2
+# name, v2.0 name, readable, color, evaluate) with the Cityscapes labelId of the synthetic scene that
+# becomes that label. Names as in the official config_v1.2.json / config_v2.0.json (v2.0 splits
+# "human--person" into "--individual" and "--person-group"); the v1.2 ones are all in
+# mapillary.VISTAS_TO_CITYSCAPES (except the void labels), so data.cityscapes_classes maps them.
 _VISTAS_DEMO_LABELS = (
-    ("construction--flat--road", "Road", (128, 64, 128), True, 7),
-    ("construction--flat--sidewalk", "Sidewalk", (244, 35, 232), True, 8),
-    ("construction--structure--building", "Building", (70, 70, 70), True, 11),
-    ("nature--vegetation", "Vegetation", (107, 142, 35), True, 21),
-    ("nature--sky", "Sky", (70, 130, 180), True, 23),
-    ("human--person", "Person", (220, 20, 60), True, 24),
-    ("object--vehicle--car", "Car", (0, 0, 142), True, 26),
-    ("void--ego-vehicle", "Ego Vehicle", (120, 10, 10), False, 1),
-    ("void--unlabeled", "Unlabeled", (0, 0, 0), False, None),  # every other labelId
-)
+    ("construction--flat--road", "construction--flat--road", "Road", (128, 64, 128), True, 7),
+    ("construction--flat--sidewalk", "construction--flat--sidewalk", "Sidewalk", (244, 35, 232), True, 8),
+    ("construction--structure--building", "construction--structure--building", "Building", (70, 70, 70), True, 11),
+    ("nature--vegetation", "nature--vegetation", "Vegetation", (107, 142, 35), True, 21),
+    ("nature--sky", "nature--sky", "Sky", (70, 130, 180), True, 23),
+    ("human--person", "human--person--individual", "Person", (220, 20, 60), True, 24),
+    ("object--vehicle--car", "object--vehicle--car", "Car", (0, 0, 142), True, 26),
+    ("object--support--pole", "object--support--pole", "Pole", (153, 153, 153), True, 17),
+    ("object--traffic-sign--front", "object--traffic-sign--front", "Traffic Sign (Front)", (220, 220, 0), True, 20),
+    ("nature--terrain", "nature--terrain", "Terrain", (152, 251, 152), True, 22),
+    ("void--ego-vehicle", "void--ego-vehicle", "Ego Vehicle", (120, 10, 10), False, 1),
+    ("void--unlabeled", "void--unlabeled", "Unlabeled", (0, 0, 0), False, None),  # every other labelId
+)  # fmt: skip
+
+
+def _vistas_demo_version(version: str) -> tuple[dict, np.ndarray, list[int]]:
+    """(config, labelId -> label value LUT, palette) of one label version: v2.0 in the order above,
+    v1.2 sorted by name as the official v1.2 config is."""
+    column = 0 if version == "v1.2" else 1
+    entries = sorted(_VISTAS_DEMO_LABELS, key=lambda e: e[0]) if version == "v1.2" else list(_VISTAS_DEMO_LABELS)
+    unlabeled = next(v for v, e in enumerate(entries) if e[5] is None)
+    lut = np.full(256, unlabeled, np.uint8)
+    for value, entry in enumerate(entries):
+        if entry[5] is not None:
+            lut[entry[5]] = value
+    config = {"labels": [{"name": e[column], "readable": e[2], "color": list(e[3]), "instances": False, "evaluate": e[4]}
+                         for e in entries]}  # fmt: skip
+    palette = [c for e in entries for c in e[3]]
+    return config, lut, palette + [0] * (768 - len(palette))  # 256 entries: PIL writes a shorter palette with fewer bits per pixel
 
 
 def generate_mapillary(out_dir, n_train=3, n_val=2, size_wh=(256, 128), seed=0) -> Path:
-    """Write ``out_dir/{training,validation}/images/*.jpg``, ``.../v2.0/labels/*.png`` (palette PNGs
-    of label values) and a small ``config_v2.0.json`` (9 labels, two with ``evaluate: false``) and
-    return ``out_dir``. Names are 22-character keys as Vistas' are; the real images vary in size."""
+    """Write ``out_dir/{training,validation}/images/*.jpg``, ``.../{v1.2,v2.0}/labels/*.png`` (palette
+    PNGs of label values) and small ``config_v1.2.json`` / ``config_v2.0.json`` (12 labels each, two
+    with ``evaluate: false``) and return ``out_dir``. Names are 22-character keys as Vistas' are; the
+    real images vary in size."""
     w, h = (int(v) for v in size_wh)
     _check_size(n_train, n_val, w, h)
-    unlabeled = len(_VISTAS_DEMO_LABELS) - 1
-    lut = np.full(256, unlabeled, np.uint8)
-    for value, (*_, label_id) in enumerate(_VISTAS_DEMO_LABELS):
-        if label_id is not None:
-            lut[label_id] = value
-    palette = [c for *_, color, _, _ in _VISTAS_DEMO_LABELS for c in color]
-    palette += [0] * (768 - len(palette))  # 256 entries: PIL writes a shorter palette with fewer bits per pixel
+    versions = {version: _vistas_demo_version(version) for version in ("v1.2", "v2.0")}
     jobs = [("training", i) for i in range(n_train)] + [("validation", i) for i in range(n_val)]
     alphabet = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
-
-    config = {"labels": [{"name": n, "readable": r, "color": list(c), "instances": False, "evaluate": e}
-                         for n, r, c, e, _ in _VISTAS_DEMO_LABELS]}  # fmt: skip
 
     def write(tmp: Path) -> None:
         for split, i in jobs:
             rng = np.random.default_rng([seed, 4, split == "validation", i])
             img, label_ids = _city_scene(rng, w, h, ego=i % 2 == 0)
             key = "".join(rng.choice(alphabet, 22))
-            for folder in (tmp / split / "images", tmp / split / "v2.0" / "labels"):
-                folder.mkdir(parents=True, exist_ok=True)
+            (tmp / split / "images").mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(tmp / split / "images" / f"{key}.jpg", quality=95)
-            label = Image.fromarray(lut[label_ids], mode="P")
-            label.putpalette(palette)
-            label.save(tmp / split / "v2.0" / "labels" / f"{key}.png")
+            for version, (_, lut, palette) in versions.items():
+                folder = tmp / split / version / "labels"
+                folder.mkdir(parents=True, exist_ok=True)
+                label = Image.fromarray(lut[label_ids], mode="P")
+                label.putpalette(palette)
+                label.save(folder / f"{key}.png")
         for split in ("training", "validation"):
             (tmp / split).mkdir(exist_ok=True)
             (tmp / split / _MARKER).write_text(json.dumps({"kind": "mapillary", "seed": seed}))
 
     _build(out_dir, ["validation", "training"], write)  # training last: its presence = complete
-    config_path = Path(out_dir) / "config_v2.0.json"  # written after _build's refusal check, atomically
-    config_path.with_suffix(".tmp").write_text(json.dumps(config, indent=1))
-    config_path.with_suffix(".tmp").replace(config_path)
+    for version, (config, _, _) in versions.items():  # written after _build's refusal check, atomically
+        config_path = Path(out_dir) / f"config_{version}.json"
+        config_path.with_suffix(".tmp").write_text(json.dumps(config, indent=1))
+        config_path.with_suffix(".tmp").replace(config_path)
     return Path(out_dir)

@@ -20,7 +20,26 @@ index in ``labels``; the labels the dataset marks ``evaluate: false`` (in the of
 training and metrics, as the benchmark ignores them. Class names are the ``readable`` names (the
 ``name`` where two readable names coincide). A value outside the list is a ``BadCase`` naming the
 file and the value. Predictions are written as label values ("Unlabeled" where no class claims a
-pixel). No mapping to the 19 Cityscapes classes is offered.
+pixel).
+
+``data.cityscapes_classes: true`` maps the labels to the 19 Cityscapes trainIds instead, so a
+checkpoint trained on Cityscapes (or BDD100K, ACDC) is scored on Vistas and the other way round in
+one class space. The table (``VISTAS_TO_CITYSCAPES``) is the Vistas v1.2 -> Cityscapes-19 table
+used in cross-dataset and open-set driving work: the ``vistas_to_cityscapes`` dict of the Vistas-NP
+dataset maker (matejgrcic/Vistas-NP, ``make_vistas_np.py``, which reads ``{split}/v1.2/labels``),
+copied unchanged into other open-set segmentation code. It lists 38 of the 66 v1.2 label names;
+every label it does not list (animals, other barriers, water, street furniture, the rear of traffic
+signs, caravans, trailers, boats, the void labels ...) becomes 255, ignored; the table, not
+``evaluate``, decides. Labels are matched by their config ``name`` at run time, never by value. The
+table is defined for v1.2 names only (v2.0 splits and renames labels, e.g. ``human--person`` into
+``human--person--individual`` and ``--person-group``, ``marking--general`` into many
+``marking--continuous--*`` and ``marking--discrete--*`` labels), so the option needs ``version:
+v1.2``, which the v2.0 download holds too. Not every published table agrees: unipercept's
+``CLASSES_AS_CITYSCAPES`` (kurt-stolle/unipercept, ``data/sets/vistas.py``) differs in 11 labels
+(guard rail, parking, rail track, bridge, tunnel and snow ignored; mountain -> terrain, manhole and
+pothole -> road, street light and the traffic-sign frame -> pole), so Vistas scores in the
+Cityscapes space compare only between runs that used the same table. With the option the source
+serves trainIds and writes predictions as Cityscapes labelIds, exactly like ``TrainIdSource``.
 """
 
 from __future__ import annotations
@@ -40,7 +59,7 @@ from pydantic import Field
 from samtune import SamtuneError
 from samtune.constants import IGNORE_INDEX
 from samtune.datasets.checks import BadCase, handle_bad
-from samtune.datasets.cityscapes import TrainIdSource, read_png_rgb
+from samtune.datasets.cityscapes import CLASS_NAMES, CLASS_SPACE, TrainIdSource, cityscapes_label_space, read_png_rgb
 from samtune.datasets.formats import DataSectionBase, DemoKeys, register_format, register_images
 from samtune.datasets.source import DataSplit, LabelSpace, SliceSource
 
@@ -51,6 +70,30 @@ _SCAN_THREADS = 8  # PNG decoding releases the GIL: labels are scanned in parall
 _LABEL_FIX = ("re-extract it from the official Mapillary Vistas download (the {split}/{version}/labels PNGs, not a "
               "colour rendering), or remove the image")
 
+# Vistas v1.2 label name -> Cityscapes class name (a name of cityscapes.CLASS_NAMES); every label not
+# listed -> 255. The vistas_to_cityscapes table of matejgrcic/Vistas-NP (make_vistas_np.py), as is.
+VISTAS_TO_CITYSCAPES: dict[str, str] = {
+    "construction--barrier--curb": "sidewalk", "construction--barrier--fence": "fence",
+    "construction--barrier--guard-rail": "fence", "construction--barrier--wall": "wall",
+    "construction--flat--bike-lane": "road", "construction--flat--crosswalk-plain": "road",
+    "construction--flat--curb-cut": "sidewalk", "construction--flat--parking": "road",
+    "construction--flat--pedestrian-area": "sidewalk", "construction--flat--rail-track": "road",
+    "construction--flat--road": "road", "construction--flat--service-lane": "road",
+    "construction--flat--sidewalk": "sidewalk", "construction--structure--bridge": "building",
+    "construction--structure--building": "building", "construction--structure--tunnel": "building",
+    "human--person": "person", "human--rider--bicyclist": "rider", "human--rider--motorcyclist": "rider",
+    "human--rider--other-rider": "rider", "marking--crosswalk-zebra": "road", "marking--general": "road",
+    "nature--sand": "terrain", "nature--sky": "sky", "nature--snow": "terrain", "nature--terrain": "terrain",
+    "nature--vegetation": "vegetation", "object--support--pole": "pole",
+    "object--support--traffic-sign-frame": "traffic sign", "object--support--utility-pole": "pole",
+    "object--traffic-light": "traffic light", "object--traffic-sign--front": "traffic sign",
+    "object--vehicle--bicycle": "bicycle", "object--vehicle--bus": "bus", "object--vehicle--car": "car",
+    "object--vehicle--motorcycle": "motorcycle", "object--vehicle--on-rails": "train", "object--vehicle--truck": "truck",
+}  # fmt: skip
+# the protocol's class space with data.cityscapes_classes
+MAPPED_CLASS_SPACE = (f"{CLASS_SPACE}; here Mapillary Vistas v1.2 labels mapped by name with the Vistas v1.2 -> "
+                      "Cityscapes table of Vistas-NP (vistas_to_cityscapes), every other label 255 ignored")  # fmt: skip
+
 
 @dataclass(frozen=True)
 class VistasClasses:
@@ -58,10 +101,10 @@ class VistasClasses:
 
     path: Path
     names: dict[int, str]  # evaluated label value -> name
+    label_names: tuple[str, ...]  # label value -> the config's `name` (e.g. object--vehicle--car)
     n_values: int  # label values 0..n_values-1 exist
     unlabeled: int | None  # the value of "unlabeled", written where no class claims a pixel
     lut: np.ndarray  # 256 entries: label value -> itself if evaluated, else 255
-
 
 
 def _config_path(root: Path, version: str) -> Path:
@@ -90,7 +133,29 @@ def read_classes(root: str | Path, version: str) -> VistasClasses:
     names = {v: entries[v][1] if readables.count(entries[v][1]) == 1 else entries[v][0] for v in kept}
     lut = np.full(256, IGNORE_INDEX, np.uint8)
     lut[kept] = kept
-    return VistasClasses(path, names, len(entries), is_unlabeled.index(True) if any(is_unlabeled) else None, lut)
+    return VistasClasses(path, names, tuple(name for name, _, _ in entries), len(entries),
+                         is_unlabeled.index(True) if any(is_unlabeled) else None, lut)  # fmt: skip
+
+
+def cityscapes_lut(classes: VistasClasses, version: str) -> np.ndarray:
+    """256 entries: Vistas label value -> Cityscapes trainId by the label's config ``name`` and
+    ``VISTAS_TO_CITYSCAPES``; 255 for every label the table does not list."""
+    if version != "v1.2":
+        raise SamtuneError(f"data.cityscapes_classes: the published Vistas -> Cityscapes table covers the v1.2 labels only "
+                           f"(66 labels; v2.0 splits and renames them), not data.version: {version}. Set data.version: v1.2 "
+                           "(the v2.0 download holds the v1.2 labels too: {split}/v1.2/labels and config_v1.2.json).")  # fmt: skip
+    train_ids = {name: train_id for train_id, name in CLASS_NAMES.items()}
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    for value, name in enumerate(classes.label_names):
+        if name in VISTAS_TO_CITYSCAPES:
+            lut[value] = train_ids[VISTAS_TO_CITYSCAPES[name]]
+    if (lut == IGNORE_INDEX).all():  # a few names missing is fine; none at all is another label set
+        raise SamtuneError(f"{classes.path}: none of its {len(classes.label_names)} label names is one of the "
+                           f"{len(VISTAS_TO_CITYSCAPES)} Mapillary Vistas v1.2 names that data.cityscapes_classes maps "
+                           "(e.g. construction--flat--road, object--vehicle--car): not a Vistas v1.2 config. Point data.root "
+                           "at the Vistas folder holding the official config_v1.2.json (config.json in the v1.x download), "
+                           "or set data.cityscapes_classes: false.")  # fmt: skip
+    return lut
 
 
 def read_vistas_label(path: Path, stem: str) -> np.ndarray:
@@ -107,13 +172,16 @@ def read_vistas_label(path: Path, stem: str) -> np.ndarray:
 
 
 class MapillarySource(SliceSource):
-    """Image/label pairs of one split; labels as label values, the non-evaluated ones 255."""
+    """Image/label pairs of one split; labels as label values, the non-evaluated ones 255 (with
+    ``cityscapes_classes``: as Cityscapes trainIds, the labels the table does not list 255)."""
 
     ignore_index = IGNORE_INDEX
 
-    def __init__(self, root: str | Path, split: str, on_bad_case: str = "error", version: str = "v2.0", classes: VistasClasses | None = None):
-        self.root, self.version = Path(root), version
+    def __init__(self, root: str | Path, split: str, on_bad_case: str = "error", version: str = "v2.0",
+                 classes: VistasClasses | None = None, cityscapes_classes: bool = False):
+        self.root, self.version, self.cityscapes_classes = Path(root), version, cityscapes_classes
         self.classes = classes or read_classes(root, version)
+        self.lut = cityscapes_lut(self.classes, version) if cityscapes_classes else self.classes.lut  # label value -> class id
         image_dir = self.root / split / "images"
         label_dir = self.root / split / version / "labels"
         if version == "v1.2" and not label_dir.is_dir() and (self.root / split / "labels").is_dir():
@@ -127,7 +195,7 @@ class MapillarySource(SliceSource):
             raise SamtuneError(f"{image_dir}: no *.jpg images; expected {LAYOUT}.")
         self.images: list[Path] = []
         self.labels: list[Path] = []
-        self.counts: list[dict[int, int]] = []  # per image: evaluated label value -> pixels
+        self.counts: list[dict[int, int]] = []  # per image: class id -> pixels (255 not counted)
         self.skipped: list[dict] = []
         pairs = [(image, label_dir / f"{image.stem}.png") for image in found]
         with ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, os.cpu_count() or 1)) as pool:
@@ -142,10 +210,10 @@ class MapillarySource(SliceSource):
                     self.counts.append(result)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)  # error mode: stop reading labels now
-        self.class_names = dict(self.classes.names)
+        self.class_names = dict(CLASS_NAMES if cityscapes_classes else self.classes.names)
 
     def _check(self, pair: tuple[Path, Path]) -> dict[int, int] | BadCase:
-        """Evaluated value -> pixels of one label, or what is wrong with the pair (returned, not raised)."""
+        """Class id -> pixels of one label, or what is wrong with the pair (returned, not raised)."""
         image, label = pair
         try:
             if not label.is_file():
@@ -161,7 +229,12 @@ class MapillarySource(SliceSource):
             return BadCase(image.stem, label, f"holds values {unknown[:10]} ({int(counts[unknown].sum())} px) outside the "
                            f"{self.classes.n_values} labels of {self.classes.path.name} (0..{self.classes.n_values - 1})",
                            f"check data.version (the labels may be of another version), or {_LABEL_FIX}")  # fmt: skip
-        return {v: int(counts[v]) for v in present if v in self.classes.names}
+        classes: dict[int, int] = {}
+        for v in present:  # several labels may map to one class (with cityscapes_classes)
+            c = int(self.lut[v])
+            if c != IGNORE_INDEX:
+                classes[c] = classes.get(c, 0) + int(counts[v])
+        return dict(sorted(classes.items()))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -170,16 +243,19 @@ class MapillarySource(SliceSource):
         return self.images[index].stem
 
     def label_space(self, class_ids: list[int]) -> LabelSpace:
-        """No background class (ignored labels are 255); prediction files hold label values."""
+        """No background class (ignored labels are 255); prediction files hold label values (with
+        ``cityscapes_classes``: Cityscapes labelIds, as for the Cityscapes sources)."""
+        if self.cityscapes_classes:
+            return cityscapes_label_space(class_ids)
         background = self.classes.unlabeled if self.classes.unlabeled is not None else IGNORE_INDEX
         return LabelSpace(list(class_ids), [self.class_names[i] for i in class_ids], IGNORE_INDEX, list(class_ids), background)
 
     def slice_classes(self, index: int) -> dict[int, int]:
-        """Evaluated value -> pixels, counted when the source was built (the label is not read again)."""
+        """Class id -> pixels, counted when the source was built (the label is not read again)."""
         return dict(self.counts[index])
 
     def load_label(self, index: int) -> np.ndarray:
-        return cv2.LUT(read_vistas_label(self.labels[index], self.item_id(index)), self.classes.lut)
+        return cv2.LUT(read_vistas_label(self.labels[index], self.item_id(index)), self.lut)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image, label = read_png_rgb(self.images[index]), self.load_label(index)  # read_png_rgb decodes JPEG too
@@ -196,8 +272,11 @@ class MapillaryData(DataSectionBase, DemoKeys):
     version: Literal["v1.2", "v2.0"] = Field("v2.0", description="label version: `v2.0` (124 labels) or `v1.2` (66 labels); classes come from the dataset's config_{version}.json")
     train_split: str = Field("training", description="split used for training")
     val_split: str = Field("validation", description="split used for validation")
+    cityscapes_classes: bool = Field(False, description="map the Vistas labels by name to the 19 Cityscapes trainIds (the Vistas v1.2 -> Cityscapes table of Vistas-NP; labels it does not list ignored), so Cityscapes, BDD100K and ACDC checkpoints and scores share one class space; needs `version: v1.2`")
 
     def scored_subset(self) -> dict:
+        if self.cityscapes_classes:
+            return {"split": self.val_split, "version": self.version, "class_space": MAPPED_CLASS_SPACE}
         return {"split": self.val_split, "version": self.version,
                 "class_space": f"Mapillary Vistas config_{self.version}.json labels with evaluate: true, the others 255 ignored"}  # fmt: skip
 
@@ -212,8 +291,8 @@ def _make_demo(folder: Path, seed: int) -> Path:
 def open_mapillary(section: MapillaryData, *, seed: int, on_bad_case: str, progress: bool = True) -> DataSplit:
     """The official splits as they are (training/validation; testing has no public labels)."""
     classes = read_classes(section.root, section.version)
-    train = MapillarySource(section.root, section.train_split, on_bad_case, section.version, classes)
-    val = MapillarySource(section.root, section.val_split, on_bad_case, section.version, classes)
+    train = MapillarySource(section.root, section.train_split, on_bad_case, section.version, classes, section.cityscapes_classes)
+    val = MapillarySource(section.root, section.val_split, on_bad_case, section.version, classes, section.cityscapes_classes)
     return DataSplit(train, val, "mapillary", train.skipped + val.skipped)
 
 
@@ -222,4 +301,8 @@ def open_mapillary_images(section: MapillaryData, paths: list):
     """Vistas JPEGs without labels (e.g. testing/images): files or a folder."""
     from samtune.datasets.folder2d import ImageFilesSource
 
-    return ImageFilesSource(paths, read_classes(section.root, section.version).names, (".jpg",), "*")
+    classes = read_classes(section.root, section.version)
+    if section.cityscapes_classes:
+        cityscapes_lut(classes, section.version)  # refuses v2.0 and a config the table does not fit
+        return ImageFilesSource(paths, CLASS_NAMES, (".jpg",), "*")
+    return ImageFilesSource(paths, classes.names, (".jpg",), "*")

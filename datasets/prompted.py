@@ -182,6 +182,7 @@ class PromptedDataset(Dataset):
         }
         if not self.training:
             meta["targets"] = [target]
+            meta["object"] = component  # rank of the object within its class (instance, component)
             meta["ignore"] = label == self.source.ignore_index
         return {
             S.IMAGE: torch.from_numpy(out["image"].transpose(2, 0, 1).copy()),

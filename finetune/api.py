@@ -34,7 +34,9 @@ def evaluate(recipe: Recipe, checkpoint: str | Path, out: str | Path | None = No
     """Rebuild the base model from the recipe, load the checkpoint, evaluate on the val split
     (prompted and/or semantic, by the recipe's ``task``); writes the metrics JSON (default
     ``<output.dir>/eval/metrics.json``), ``per_case.csv`` beside it for volumes, and with
-    ``eval.save_predictions`` the label maps into ``predictions/`` beside it; returns the metrics."""
+    ``eval.save_predictions`` the label maps into ``predictions/`` beside it (and, for Cityscapes
+    instances, the official instance evaluator's files into ``instances/{prompted,automatic}/``);
+    returns the metrics."""
     out_path = Path(out) if out else Path(recipe.output.dir) / "eval" / "metrics.json"
     check_writable(out_path.parent, "--out" if out else "output.dir")
     seed_everything(recipe.seed)
@@ -48,7 +50,8 @@ def evaluate(recipe: Recipe, checkpoint: str | Path, out: str | Path | None = No
     if data.space is not None and saved and saved["label_space"]["ids"] != data.space.ids:
         raise SamtuneError(f"--checkpoint {checkpoint}: its class prompts are for class ids {saved['label_space']['ids']}, the data has {data.space.ids}; evaluate on data with the same classes (data.classes).")
     predictions = out_path.parent / "predictions" if recipe.eval.save_predictions else None
-    metrics = evaluate_with_recipe(model, family, data, recipe, device, predictions=predictions)
+    instances = out_path.parent / "instances" if recipe.eval.save_predictions else None
+    metrics = evaluate_with_recipe(model, family, data, recipe, device, predictions=predictions, instance_predictions=instances)
     if predictions is not None and "semantic" in metrics and "label_volumes" in metrics["semantic"]:
         write_label_volumes(metrics["semantic"]["label_volumes"], data.val_semantic.source, data.space, predictions)
     metrics = json_ready(metrics)

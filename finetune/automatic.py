@@ -46,8 +46,10 @@ def fuse(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(best >= math.log(threshold / (1 - threshold)), index, torch.full_like(index, logits.shape[0]))
 
 
-def fuse_at_original(family: ModelFamily, low_res: torch.Tensor, image_size: int, meta: dict, threshold: float) -> torch.Tensor:
-    """K×s×s low-res logits of one image -> its H×W class-index map at the original resolution.
+def fuse_at_original(family: ModelFamily, low_res: torch.Tensor, image_size: int, meta: dict, threshold: float,
+                     with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """K×s×s low-res logits of one image -> its H×W class-index map at the original resolution
+    (``with_logits``: and the H×W logit of the class each pixel took, the highest).
 
     Class by class with a running maximum: the same numbers as resizing all K maps and calling
     ``fuse``, without a K×H×W tensor (19×1024×2048 floats = 160 MB for a Cityscapes image).
@@ -63,7 +65,8 @@ def fuse_at_original(family: ModelFamily, low_res: torch.Tensor, image_size: int
             best = torch.where(better, logits, best)
             index = torch.where(better, torch.full_like(index, k), index)
     background = torch.full_like(index, low_res.shape[0])
-    return torch.where(best >= math.log(threshold / (1 - threshold)), index, background)
+    fused = torch.where(best >= math.log(threshold / (1 - threshold)), index, background)
+    return (fused, best) if with_logits else fused
 
 
 def predict_index_maps(model, family: ModelFamily, batch_images: torch.Tensor, metas: list[dict], threshold: float) -> list[np.ndarray]:
@@ -71,3 +74,15 @@ def predict_index_maps(model, family: ModelFamily, batch_images: torch.Tensor, m
     low_res = class_low_res(model, family, batch_images)
     size = batch_images.shape[-1]
     return [fuse_at_original(family, low_res[i], size, meta, threshold).to(torch.uint8).cpu().numpy() for i, meta in enumerate(metas)]
+
+
+def predict_scored_maps(model, family: ModelFamily, batch_images: torch.Tensor, metas: list[dict], threshold: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """As ``predict_index_maps``, each map with the H×W float32 probability of the class each pixel
+    took (the confidence of automatic instances)."""
+    low_res = class_low_res(model, family, batch_images)
+    size = batch_images.shape[-1]
+    out = []
+    for i, meta in enumerate(metas):
+        index, best = fuse_at_original(family, low_res[i], size, meta, threshold, with_logits=True)
+        out.append((index.to(torch.uint8).cpu().numpy(), torch.sigmoid(best.float()).cpu().numpy()))
+    return out

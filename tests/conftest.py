@@ -271,6 +271,34 @@ def _same_as_official(ours: dict, theirs: dict, ev) -> list[str]:
     return nan_classes
 
 
+@pytest.fixture
+def official_instance_evaluator(monkeypatch, tmp_path):
+    """``official_instance_evaluator(prediction_folder, gt_instance_files)`` -> the result dict of
+    cityscapesScripts' evalInstanceLevelSemanticLabeling.evaluateImgLists, each ground truth's
+    prediction text file found by its own getPrediction; quiet, its caches in ``tmp_path``."""
+    import json
+    monkeypatch.setenv("CITYSCAPES_DATASET", str(tmp_path))
+    ev = pytest.importorskip("cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling")
+    if not hasattr(ev.np, "in1d"):  # removed in NumPy 2.4; in1d(a, b) was isin(a, b).ravel()
+        monkeypatch.setattr(ev.np, "in1d", lambda a, b: np.isin(a, b).ravel(), raising=False)
+    monkeypatch.chdir(tmp_path)  # it writes matches.json into the working directory
+
+    def write_json(data, path):  # its writer fails on the NumPy integers NumPy 2 counts return
+        Path(path).write_text(json.dumps(data, default=lambda o: o.item() if hasattr(o, "item") else o.__dict__))
+    monkeypatch.setattr(ev, "writeDict2JSON", write_json)
+
+    def run(predictions, gt_files):
+        args = ev.CArgs()
+        vars(args).update(vars(ev.args))
+        args.predictionPath, args.predictionWalk = str(predictions), None
+        args.gtInstancesFile = str(tmp_path / "gtInstances.json")  # its cache of the ground truth
+        args.JSONOutput, args.quiet, args.colorized = False, True, False
+        pred_files = [ev.getPrediction(str(gt), args) for gt in gt_files]
+        return ev.evaluateImgLists(pred_files, [str(gt) for gt in gt_files], args)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def same_as_official():
     """``same_as_official(ours, theirs, ev)``: our semantic scores against cityscapesScripts'."""

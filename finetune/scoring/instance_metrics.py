@@ -205,19 +205,58 @@ def thing_components(index_map: np.ndarray, scores: np.ndarray, class_label_ids:
     return out
 
 
-def write_instance_predictions(folder: Path, name: str, predictions: list[tuple[int, np.ndarray, float]]) -> Path:
-    """The evaluator's prediction format: ``{folder}/{name}.txt`` with one line per instance,
-    ``{mask path relative to it} {labelId} {confidence}``, each mask an 8-bit PNG (255 inside) in
-    ``{folder}/{name}/``; an image without instances gets an empty text file (the evaluator needs
-    one per ground truth). ``name``: ``{city}/{city}_{seq}_{frame}`` of the ground truth."""
-    from samtune.finetune.predict.label_files import write_label_png
+class InstancePredictionFiles:
+    """The evaluator's prediction format under ``folder``: per image ``{name}.txt``, one line per
+    instance, ``{mask path relative to it} {labelId} {confidence}``, each mask an 8-bit PNG (255
+    inside) in ``{name}/``; an image without instances gets an empty text file (the evaluator needs
+    one per ground truth). ``name``: ``{city}/{city}_{seq}_{frame}``, found by the evaluator's
+    ``{city}_{seq}_{frame}*.txt`` search. Masks are written as they come, the text files by ``write``
+    (after ``merge`` across ranks)."""
 
-    text = folder / f"{name}.txt"
-    lines = []
-    for n, (label_id, mask, confidence) in enumerate(predictions):
-        relative = f"{Path(name).name}/{n:04d}.png"
-        write_label_png(mask.astype(np.uint8) * 255, text.parent / relative)
-        lines.append(f"{relative} {int(label_id)} {float(confidence)!r}\n")
-    text.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(text, "".join(lines).encode())
-    return text
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.lines: dict[str, list[str]] = {}
+
+    def add_image(self, name: str) -> None:
+        self.lines.setdefault(name, [])
+
+    def add(self, name: str, tag: str, label_id: int, mask: np.ndarray, confidence: float) -> None:
+        """One instance; ``tag`` names its mask file, unique within the image."""
+        from samtune.finetune.predict.label_files import write_label_png
+
+        relative = f"{Path(name).name}/{tag}.png"
+        write_label_png(mask.astype(np.uint8) * 255, (self.folder / name).parent / relative)
+        self.lines.setdefault(name, []).append(f"{relative} {int(label_id)} {float(confidence)!r}\n")
+
+    def merge(self, other: InstancePredictionFiles) -> None:
+        for name, lines in other.lines.items():
+            self.lines.setdefault(name, []).extend(lines)
+
+    def write(self) -> Path:
+        for name, lines in self.lines.items():
+            text = self.folder / f"{name}.txt"
+            text.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(text, "".join(lines).encode())
+        return self.folder
+
+
+def has_instance_benchmark(source) -> bool:
+    """The source serves the Cityscapes instance ground truth for every image (instance AP can be scored)."""
+    return len(source) > 0 and source.instance_problem() is None and source.instance_ids(0) is not None
+
+
+def instance_name(source, index: int) -> str:
+    """``{city}/{city}_{seq}_{frame}`` of image ``index`` (from its labelIds prediction name)."""
+    return str(Path(source.prediction_name(index)).with_suffix("")).removesuffix("_gtFine_labelIds")
+
+
+def instance_protocol(objects: str) -> dict:
+    return {
+        "benchmark": "Cityscapes instance-level semantic labeling (cityscapesScripts evalInstanceLevelSemanticLabeling rules)",
+        "classes": list(INSTANCE_CLASSES.values()),
+        "ground_truth": f"*_gtFine_instanceIds.png; ids >= 1000 are instances, scored when >= {MIN_REGION_SIZE} px; group regions and void ignored",
+        "predictions": objects,
+        "overlaps": [round(float(t), 2) for t in OVERLAPS],
+        "ap": "mean over the overlap thresholds and classes with ground truth (NaN classes left out); ap50 at overlap 0.5",
+        "resolution": "original image resolution",
+    }

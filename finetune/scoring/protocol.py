@@ -28,16 +28,24 @@ from samtune.datasets import semantic as SEM
 from samtune.datasets.prompted import PromptedDataset
 from samtune.datasets.semantic import SemanticDataset, collate_semantic
 from samtune.datasets.source import LabelSpace
-from samtune.finetune.automatic import predict_index_maps
+from samtune.finetune.automatic import predict_index_maps, predict_scored_maps
 from samtune.finetune.interaction import run_rounds, total_rounds
 from samtune.finetune.predict.label_files import write_label_png
 from samtune.finetune.recipe import Recipe
 from samtune.finetune.runtime import autocast
 from samtune.finetune.scoring.interactive import evaluate_interactive
+from samtune.finetune.scoring.instance_metrics import (
+    InstanceAPAccumulator,
+    InstancePredictionFiles,
+    has_instance_benchmark,
+    instance_name,
+    instance_protocol,
+    thing_components,
+)
 from samtune.finetune.scoring.metrics import ClassIoUAccumulator
 from samtune.finetune.scoring.semantic_metrics import ConfusionAccumulator
 from samtune.finetune.scoring.volume_metrics import SemanticVolumeAccumulator, VolumeMetricAccumulator
-from samtune.finetune.distributed import merge_across_ranks, shard
+from samtune.finetune.distributed import current, merge_across_ranks, shard
 
 
 EMPTY_MASK_RULE = (
@@ -48,11 +56,12 @@ EMPTY_MASK_RULE = (
 )
 
 
-def evaluate_with_recipe(model, family, data, recipe: Recipe, device: torch.device, desc: str = "eval", predictions=None) -> dict:
+def evaluate_with_recipe(model, family, data, recipe: Recipe, device: torch.device, desc: str = "eval", predictions=None,
+                         instance_predictions=None) -> dict:  # fmt: skip
     """Evaluation as the recipe prescribes it (prompted and/or semantic, by ``task``; prompts,
     rounds, ``train.precision``): the same call during training and in `samtune evaluate`."""
     with autocast(device, recipe.train.precision):
-        return evaluate_all(model, family, data, recipe, device, desc, predictions)
+        return evaluate_all(model, family, data, recipe, device, desc, predictions, instance_predictions)
 
 
 def data_protocol(recipe: Recipe) -> dict:
@@ -61,13 +70,17 @@ def data_protocol(recipe: Recipe) -> dict:
     return {"kind": recipe.data.kind, "root": recipe.data.root, **recipe.data.scored_subset()}
 
 
+OBJECTS = {"class": "class", "component": "connected component (8-connectivity) of each class",
+           "instance": "annotated instance of each class (a class without instances: the class)"}
+
+
 def prompted_protocol(recipe: Recipe) -> dict:
     p = recipe.prompts
     box = uses_box(recipe)
     return {
         "data": data_protocol(recipe),
         "prompts": "from the ground truth of each object",
-        "objects": f"every {'connected component of each class' if p.per == 'component' else 'class'} present in a validation "
+        "objects": f"every {OBJECTS[p.per]} present in a validation "
                    f"image with >= data.min_pixels={recipe.data.min_pixels} px; images without it are not prompted",
         "first_prompt": "box" if box else "points",
         "box_jitter_px": recipe.eval.box_jitter_px if box else None,
@@ -95,9 +108,47 @@ def uses_box(recipe: Recipe) -> bool:
     return recipe.prompts.box_probability >= 0.5
 
 
+class PromptedInstances:
+    """Instance AP of the prompted masks (``prompts.per: instance`` on Cityscapes with instanceIds):
+    each prompted instance's final mask is one prediction, its confidence the mean probability over
+    it; every validation image's ground truth counts (instances too small to prompt are misses)."""
+
+    def __init__(self, dataset: PromptedDataset, folder: Path | None):
+        self.source = source = dataset.source
+        ids = sorted(dataset.class_names)
+        self.label_ids = dict(zip(ids, source.label_space(ids).file_values()))
+        self.scores = InstanceAPAccumulator()
+        self.files = InstancePredictionFiles(folder) if folder is not None else None
+        for index in range(len(source)):
+            self.scores.add_ground_truth(instance_name(source, index), source.instance_ids(index))
+            if self.files is not None:
+                self.files.add_image(instance_name(source, index))
+
+    @staticmethod
+    def wanted(dataset: PromptedDataset, recipe: Recipe) -> bool:
+        return recipe.prompts.per == "instance" and not dataset.is_subset and has_instance_benchmark(dataset.source)
+
+    def add(self, meta: dict, logits: torch.Tensor, pred: np.ndarray) -> None:
+        name, class_id = instance_name(self.source, meta["index"]), meta["class_ids"][0]
+        confidence = float(torch.sigmoid(logits.float())[torch.from_numpy(pred)].mean()) if pred.any() else 0.0
+        kept = self.scores.add_prediction(name, self.source.instance_ids(meta["index"]), self.label_ids[class_id], pred, confidence)
+        if kept and self.files is not None:
+            self.files.add(name, f"{class_id:03d}_{meta['object']:03d}", self.label_ids[class_id], pred, confidence)
+
+    def result(self) -> dict:
+        merge_across_ranks(self.scores, *([self.files] if self.files is not None else []))
+        if self.files is not None and current().main:
+            self.files.write()
+        objects = "one mask per prompted instance (the final round's), confidence = its mean predicted probability"
+        return {**self.scores.result(), "protocol": instance_protocol(objects)}
+
+
 @torch.no_grad()
-def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recipe, device: torch.device, desc: str = "eval") -> dict:
-    """Headline metrics are those after the last round; ``by_round`` lists mIoU per round."""
+def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recipe, device: torch.device, desc: str = "eval",
+             instance_folder: Path | None = None) -> dict:  # fmt: skip
+    """Headline metrics are those after the last round; ``by_round`` lists mIoU per round;
+    ``instances``: Cityscapes instance AP where prompts are per instance (``instance_folder``: the
+    prediction files of the official evaluator)."""
     was_training = model.training
     model.eval()
     use_box = uses_box(recipe)
@@ -109,6 +160,7 @@ def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recip
     volumes = None  # volumetric sources with every slice evaluated: per-case 3D metrics in mm
     if dataset.source.volumetric and not dataset.is_subset:
         volumes = VolumeMetricAccumulator(dataset.source, dataset.class_names)
+    instances = PromptedInstances(dataset, instance_folder) if PromptedInstances.wanted(dataset, recipe) else None
     generator = torch.Generator(device=device)
     first_batch = items.start // batch_size
     for number, batch in enumerate(tqdm(loader, desc=desc, leave=False, unit="batch", disable=None), first_batch):  # None: no bar when not a terminal
@@ -118,11 +170,15 @@ def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recip
         outputs, _ = run_rounds(model, family, batch, recipe.prompts, dataset.image_size, use_box, generator)
         for round_index, (round_logits, acc) in enumerate(zip(outputs, accumulators)):
             logits = round_logits.cpu()
+            last = round_index == len(outputs) - 1
             for i, meta in enumerate(batch[S.META]):
-                pred = (family.logits_to_original(logits[i], meta["resized_size"], meta["original_size"]) > 0).numpy()
+                original = family.logits_to_original(logits[i], meta["resized_size"], meta["original_size"])
+                pred = (original > 0).numpy()
                 acc.add(meta["class_names"][0], pred, meta["targets"][0], meta["ignore"])
-                if volumes is not None and round_index == len(outputs) - 1:
+                if volumes is not None and last:
                     volumes.add(meta["index"], meta["class_ids"][0], pred)
+                if instances is not None and last:
+                    instances.add(meta, original, pred)
     model.train(was_training)
     merge_across_ranks(*accumulators, *([volumes] if volumes is not None else []))
     results = [acc.result() for acc in accumulators]
@@ -132,6 +188,8 @@ def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recip
     metrics["protocol"] = prompted_protocol(recipe)
     if volumes is not None:
         metrics["volume"] = volumes.result()
+    if instances is not None:
+        metrics["instances"] = instances.result()
     if rounds > 1:
         metrics["by_round"] = [{"round": r, "miou": m["miou"], "mdice": m["mdice"]} for r, m in enumerate(results)]
     return metrics
@@ -189,17 +247,21 @@ def evaluate_propagation(model, family: ModelFamily, source, class_names: dict[i
     return {"volume": volumes.result(), "propagation": way, "protocol": propagation_protocol(recipe, way, memory_note)}
 
 
-def evaluate_all(model, family: ModelFamily, data, recipe: Recipe, device: torch.device, desc: str = "eval", predictions=None) -> dict:
+def evaluate_all(model, family: ModelFamily, data, recipe: Recipe, device: torch.device, desc: str = "eval", predictions=None,
+                 instance_predictions: Path | None = None) -> dict:  # fmt: skip
     """``{"prompted": ..., "semantic": ..., "headline": name, "miou", "mdice"}`` for the parts the
-    recipe's task has (``data``: a ``DataBundle``); ``predictions``: folder for semantic label maps."""
+    recipe's task has (``data``: a ``DataBundle``); ``predictions``: folder for semantic label maps;
+    ``instance_predictions``: folder for the instance benchmark's files (``prompted/``, ``automatic/``)."""
 
+    def folder(part: str) -> Path | None:
+        return None if instance_predictions is None else Path(instance_predictions) / part
     out = {}
     if data.val is not None:
-        out["prompted"] = evaluate(model, family, data.val, recipe, device, desc)
+        out["prompted"] = evaluate(model, family, data.val, recipe, device, desc, folder("prompted"))
     if data.val_semantic is not None:
         semantic = evaluate_semantic(
             model, family, data.val_semantic, recipe.automatic.threshold, device, recipe.eval.batch_size,
-            f"{desc} (automatic)", predictions,
+            f"{desc} (automatic)", predictions, folder("automatic"),
         )  # fmt: skip
         semantic["protocol"] = semantic_protocol(recipe)
         out["semantic"] = semantic
@@ -220,10 +282,12 @@ def evaluate_all(model, family: ModelFamily, data, recipe: Recipe, device: torch
 @torch.no_grad()
 def evaluate_semantic(
     model, family: ModelFamily, dataset: SemanticDataset, threshold: float, device: torch.device, batch_size: int,
-    desc: str = "eval (automatic)", predictions: Path | None = None,
+    desc: str = "eval (automatic)", predictions: Path | None = None, instance_folder: Path | None = None,
 ) -> dict:
     """Label maps of every image of ``dataset`` against its labels; ``predictions``: a folder to
-    write each 2D label map into (file ids, e.g. Cityscapes labelIds, named by the source)."""
+    write each 2D label map into (file ids, e.g. Cityscapes labelIds, named by the source).
+    Cityscapes with instanceIds: also instance AP of the automatic instances, each connected
+    component of a thing class (``instance_folder``: their files for the official evaluator)."""
     was_training = model.training
     model.eval()
     space: LabelSpace = dataset.space
@@ -232,9 +296,17 @@ def evaluate_semantic(
     confusion = ConfusionAccumulator(class_names, source.ignore_index)
     volumes = SemanticVolumeAccumulator(source, class_names) if source.volumetric else None
     loader = DataLoader(Subset(dataset, shard(len(dataset), batch_size)), batch_size=batch_size, shuffle=False, collate_fn=collate_semantic)
+    instances = AutomaticInstances(source, space, instance_folder) if not source.volumetric and has_instance_benchmark(source) else None
     for batch in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):  # None: no bar when not a terminal
         metas = batch[SEM.META]
-        for meta, index_map in zip(metas, predict_index_maps(model, family, batch[SEM.IMAGE].to(device), metas, threshold)):
+        images = batch[SEM.IMAGE].to(device)
+        if instances is None:
+            maps = [(m, None) for m in predict_index_maps(model, family, images, metas, threshold)]
+        else:
+            maps = predict_scored_maps(model, family, images, metas, threshold)
+        for meta, (index_map, scores) in zip(metas, maps):
+            if instances is not None:
+                instances.add(meta["index"], index_map, scores)
             pred = space.to_source_ids(index_map)
             confusion.add(pred, meta["label"])
             if volumes is not None:
@@ -245,7 +317,37 @@ def evaluate_semantic(
     merge_across_ranks(confusion, *([volumes] if volumes is not None else []))
     metrics = confusion.result()
     metrics.pop("confusion", None)
+    if instances is not None:
+        metrics["instances"] = instances.result()
     if volumes is not None:
         metrics["volume"] = volumes.result()
         metrics["label_volumes"] = volumes.volumes  # not JSON: the caller writes or drops them
     return metrics
+
+
+class AutomaticInstances:
+    """Instance AP of the automatic mode: each connected component (8-connectivity) of a thing class
+    in the fused label map is one instance, its confidence the mean probability of that class over
+    it (touching objects of one class therefore come out as one instance)."""
+
+    def __init__(self, source, space: LabelSpace, folder: Path | None):
+        self.source, self.label_ids = source, space.file_values()
+        self.scores = InstanceAPAccumulator()
+        self.files = InstancePredictionFiles(folder) if folder is not None else None
+
+    def add(self, index: int, index_map: np.ndarray, scores: np.ndarray) -> None:
+        name, ids = instance_name(self.source, index), self.source.instance_ids(index)
+        self.scores.add_ground_truth(name, ids)
+        if self.files is not None:
+            self.files.add_image(name)
+        for n, (label_id, mask, confidence) in enumerate(thing_components(index_map, scores, self.label_ids)):
+            if self.scores.add_prediction(name, ids, label_id, mask, confidence) and self.files is not None:
+                self.files.add(name, f"{n:04d}", label_id, mask, confidence)
+
+    def result(self) -> dict:
+        merge_across_ranks(self.scores, *([self.files] if self.files is not None else []))
+        if self.files is not None and current().main:
+            self.files.write()
+        objects = ("each connected component (8-connectivity) of a thing class in the automatic label map, confidence = the mean "
+                   "probability of that class over it")
+        return {**self.scores.result(), "protocol": instance_protocol(objects)}

@@ -45,10 +45,22 @@ def print_results(columns: dict[str, dict], recipe: Recipe) -> None:
         ))  # fmt: skip
         if "volume" in last["semantic"]:
             print(describe_volume(last["semantic"], "semantic, per case 3D (whole predicted volumes)"))
+    for part, how in (("prompted", "one prompted mask per instance"), ("semantic", "connected components of the automatic label map")):
+        if "instances" in last.get(part, {}):
+            print(describe_instances(last[part]["instances"], f"INSTANCES ({how}): Cityscapes instance-level AP"))
     if "propagated" in last:
         print(describe_propagation(last))
     if "interactive" in last:
         print(describe_interactive(last["interactive"]))
+
+
+def describe_instances(part: dict, title: str) -> str:
+    """Per thing class AP, AP50, the instances scored and the predictions, and the class means."""
+    lines = [f"{title}, overlaps 0.50:0.95, instances >= 100 px", f"{'class':<12} {'AP':>6} {'AP50':>6} {'instances':>9} {'predicted':>9}"]
+    for name, c in part["per_class"].items():
+        lines.append(f"{name:<12} {c['ap']:>6.3f} {c['ap50']:>6.3f} {c['instances']:>9} {c['predictions']:>9}")
+    lines.append(f"{'mean':<12} {part['ap']:>6.3f} {part['ap50']:>6.3f}")
+    return "\n".join(lines)
 
 
 def describe_propagation(metrics: dict) -> str:

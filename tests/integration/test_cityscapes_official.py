@@ -15,6 +15,7 @@ absent from the ground truth: the official evaluator's NaN, not a 0).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -25,6 +26,7 @@ from PIL import Image
 from samtune.adapters.lora import prepare_trainable
 from samtune.datasets.cityscapes import CLASS_NAMES, TRAIN_CLASSES, prediction_name
 from samtune.datasets.synthetic import generate_cityscapes
+from samtune.datasets import sample as S
 from samtune.finetune import api
 from samtune.finetune.checkpoints import save_checkpoint
 from samtune.finetune.data import build_datasets
@@ -115,3 +117,71 @@ def test_saved_predictions_score_as_the_official_evaluator_scores_them(tmp_path,
     nan_classes = same_as_official(ours, theirs, ev)
     assert nan_classes  # absent from ground truth and predictions: NaN on both sides, not 0
     assert any(0 < ours["per_class"][n]["iou"] < 1 for n in CLASS_NAMES.values())
+
+
+
+def _oracle_rounds(model, family, batch, prompts, image_size, use_box, generator):
+    """The prompted masks of a model that is right up to a shift: sample k's mask moved by k % 3 px
+    to the right, every fifth one missed, its logits' height (so its confidence) varying with k."""
+    masks = batch[S.MASKS].float()  # B×1×S×S, the prompted objects in the input frame
+    logits = []
+    for k, mask in enumerate(masks):
+        height = 1.0 + k % 3 if k % 5 != 4 else -1.0
+        logits.append(torch.roll(mask, shifts=k % 3, dims=-1) * 2 * height - height)
+    return [torch.stack(logits)], None
+
+
+def _oracle_maps(model, family, images, metas, threshold):
+    """Automatic label maps equal to the ground truth (trainIds as class indexes, void -> none), one
+    row shifted; the probability of each pixel's class from a seeded generator."""
+    out = []
+    for meta in metas:
+        index_map = np.where(meta["label"] == 255, 19, meta["label"]).astype(np.uint8)
+        index_map[20:] = np.roll(index_map[20:], 1, axis=1)
+        scores = np.random.default_rng(meta["index"]).uniform(0.5, 1.0, index_map.shape).astype(np.float32)
+        out.append((index_map, scores))
+    return out
+
+
+def test_saved_instances_score_as_the_official_instance_evaluator_scores_them(tmp_path, monkeypatch, official_instance_evaluator):
+    """task both, prompts per instance: ``samtune evaluate`` writes the instance benchmark's files for
+    the prompted masks (one per instance) and for the automatic ones (thing components); the
+    official evaluator, reading those files against the gtFine instanceIds, gives our AP and AP50.
+    The model's outputs are those of a near-oracle (shifted ground truth), so AP is neither 0 nor 1."""
+    from samtune.finetune.scoring import protocol
+
+    monkeypatch.setattr(protocol, "run_rounds", _oracle_rounds)
+    monkeypatch.setattr(protocol, "predict_scored_maps", _oracle_maps)
+    monkeypatch.setattr(api, "report", lambda *a, **k: tmp_path / "report.html")  # the page runs the real model: not under test
+    root = generate_cityscapes(tmp_path / "cityscapes", n_train=1, n_val=3, size_wh=(256, 128), seed=1)
+    recipe = validate_recipe({
+        "task": "both",
+        "data": {"kind": "cityscapes", "root": str(root), "min_pixels": 20},
+        "model": {"name": "tiny", "image_size": 64},
+        "train": {"device": "cpu"},
+        "prompts": {"per": "instance"},
+        "eval": {"save_predictions": True, "batch_size": 4},
+        "output": {"dir": str(tmp_path / "run")},
+    })  # fmt: skip
+    checkpoint = _checkpoint(recipe, tmp_path / "run" / "checkpoints" / "last")
+    metrics = api.evaluate(recipe, checkpoint, out=tmp_path / "eval" / "metrics.json", quiet=True)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    gt_files = sorted((root / "gtFine" / "val").glob("*/*_gtFine_instanceIds.png"))
+    assert len(gt_files) == 3
+    for part, folder_name in (("prompted", "prompted"), ("semantic", "automatic")):
+        ours = metrics[part]["instances"]
+        assert saved[part]["instances"]["protocol"]["benchmark"].startswith("Cityscapes instance-level")
+        folder = tmp_path / "eval" / "instances" / folder_name
+        texts = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.txt"))
+        assert texts == [f"frankfurt/{gt.name.replace('_gtFine_instanceIds.png', '')}.txt" for gt in gt_files]
+        theirs = official_instance_evaluator(folder, gt_files)["averages"]
+        for name, scores in theirs["classes"].items():
+            got = ours["per_class"][name]
+            for key, official in (("ap", scores["ap"]), ("ap50", scores["ap50%"])):
+                assert (math.isnan(got[key]) and math.isnan(official)) or got[key] == pytest.approx(official, abs=1e-12), (part, name, key)
+        assert ours["ap"] == pytest.approx(theirs["allAp"], abs=1e-12) and ours["ap50"] == pytest.approx(theirs["allAp50%"], abs=1e-12)
+        assert 0 < ours["ap"] < ours["ap50"] < 1, (part, ours)
+    prompted, automatic = metrics["prompted"]["instances"]["per_class"]["car"], metrics["semantic"]["instances"]["per_class"]["car"]
+    assert 0 < prompted["ap"] < prompted["ap50"] < 1
+    assert prompted["predictions"] >= prompted["instances"] - 1  # each car of >= min_pixels prompted on its own
+    assert automatic["predictions"] < automatic["instances"]  # touching cars: one component, one automatic instance

@@ -5,9 +5,7 @@ masks."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from samtune.finetune.scoring.instance_metrics import (
     InstanceAPAccumulator,
     average_precision,
     thing_components,
-    write_instance_predictions,
+    InstancePredictionFiles,
 )
 
 H, W = 96, 160
@@ -71,35 +69,12 @@ def _predictions(rng, ids: np.ndarray) -> list[tuple[int, np.ndarray, float]]:
     return out
 
 
-@pytest.fixture
-def official_instance_evaluator(monkeypatch, tmp_path):
-    monkeypatch.setenv("CITYSCAPES_DATASET", str(tmp_path))
-    ev = pytest.importorskip("cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling")
-    if not hasattr(ev.np, "in1d"):  # removed in NumPy 2.4; in1d(a, b) was isin(a, b).ravel()
-        monkeypatch.setattr(ev.np, "in1d", lambda a, b: np.isin(a, b).ravel(), raising=False)
-    monkeypatch.chdir(tmp_path)  # it writes matches.json into the working directory
-
-    def write_json(data, path):  # its writer fails on the NumPy integers NumPy 2 counts return
-        Path(path).write_text(json.dumps(data, default=lambda o: o.item() if hasattr(o, "item") else o.__dict__))
-    monkeypatch.setattr(ev, "writeDict2JSON", write_json)
-
-    def run(predictions, gt_files):
-        args = ev.CArgs()
-        vars(args).update(vars(ev.args))
-        args.predictionPath, args.predictionWalk = str(predictions), None
-        args.gtInstancesFile = str(tmp_path / "gtInstances.json")  # its cache of the ground truth
-        args.JSONOutput, args.quiet, args.colorized = False, True, False
-        pred_files = [ev.getPrediction(str(gt), args) for gt in gt_files]
-        return ev.evaluateImgLists(pred_files, [str(gt) for gt in gt_files], args)
-
-    return run
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_instance_ap_equals_the_official_evaluator(tmp_path, official_instance_evaluator, seed):
     rng = np.random.default_rng(seed)
     acc, gt_files = InstanceAPAccumulator(), []
     predictions = tmp_path / "instances"
+    files = InstancePredictionFiles(predictions)
     for n in range(3):
         ids = _scene(rng)
         name = f"frankfurt/frankfurt_{n:06d}_000019"
@@ -111,7 +86,11 @@ def test_instance_ap_equals_the_official_evaluator(tmp_path, official_instance_e
         acc.add_ground_truth(name, ids)
         kept = [acc.add_prediction(name, ids, label, mask, conf) for label, mask, conf in preds]
         assert kept == [label in INSTANCE_CLASSES and bool(mask.any()) for label, mask, _ in preds]  # road, caravans, empty: not kept
-        write_instance_predictions(predictions, name, preds)
+        files.add_image(name)
+        for k, (label, mask, conf) in enumerate(preds):
+            if mask.any():  # as evaluation writes them: empty masks are not predictions
+                files.add(name, f"{k:03d}", label, mask, conf)
+    files.write()
     ours = acc.result()
     theirs = official_instance_evaluator(predictions, gt_files)["averages"]
 
