@@ -12,8 +12,8 @@ val); the labels use the Cityscapes labelIds and are evaluated on the 19 Citysca
 ``_gt_invIds.png`` the invalid-region masks, which this reader does not use); ``{split}_ref``
 folders hold unlabelled normal-condition reference images and are never read as a split.
 
-The condition is a split filter (``data.conditions`` / ``data.val_conditions``); per-condition
-scores come from evaluating once per condition (``data.val_conditions=[night]``). Everything after
+The condition is a split filter (``data.conditions`` / ``data.val_conditions``); one evaluation of
+several conditions also scores each of them (``by_condition`` in metrics.json). Everything after
 finding the pairs (labelId -> trainId mapping, checks, counts, loading) is the Cityscapes code
 (``samtune.datasets.cityscapes.TrainIdSource``).
 """
@@ -77,6 +77,11 @@ class AcdcSource(TrainIdSource):
         super().__init__(pairs, on_bad_case, train_ids_fix=_TRAIN_IDS_FIX, label_ids_fix=_LABEL_IDS_FIX)
         self.conditions: list[str] = [image.parents[2].name for image in self.images]
 
+    group_name = "condition"
+
+    def group(self, index: int) -> str:
+        return self.conditions[index]
+
     def prediction_name(self, index: int) -> str:
         """``{condition}/{sequence}/{stem}_gt_labelIds.png``, as the ground truth is named."""
         image = self.images[index]
@@ -90,7 +95,7 @@ class AcdcData(DataSectionBase, DemoKeys):
     train_split: str = Field("train", description="split used for training")
     val_split: str = Field("val", description="split used for validation")
     conditions: Optional[list[Condition]] = Field(None, description="train only on these conditions (`fog`, `night`, `rain`, `snow`; default: all)")
-    val_conditions: Optional[list[Condition]] = Field(None, description="validate only on these conditions (default: `conditions`); one condition per evaluation gives per-condition scores")
+    val_conditions: Optional[list[Condition]] = Field(None, description="validate only on these conditions (default: `conditions`); with several, metrics.json also holds each one's scores (`by_condition`)")
 
     def scored_subset(self) -> dict:
         return {"split": self.val_split, "conditions": list(self.val_conditions or self.conditions or CONDITIONS), "class_space": CLASS_SPACE}

@@ -75,9 +75,14 @@ class SliceSource(ABC):
     volumetric: bool = False  # slices of 3D cases: per-case 3D metrics are possible
     has_labels: bool = True  # False: images opened for prediction; every label map is background
     skipped: list[dict]
+    group_name: str | None = None  # e.g. "condition" (ACDC): scores are also reported per group
 
     @abstractmethod
     def __len__(self) -> int: ...
+
+    def group(self, index: int) -> str | None:
+        """The group of image ``index`` (its ACDC condition) for sources with a ``group_name``."""
+        return None
 
     @abstractmethod
     def item_id(self, index: int) -> str:

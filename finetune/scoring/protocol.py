@@ -34,18 +34,12 @@ from samtune.finetune.predict.label_files import write_label_png
 from samtune.finetune.recipe import Recipe
 from samtune.finetune.runtime import autocast
 from samtune.finetune.scoring.interactive import evaluate_interactive
-from samtune.finetune.scoring.instance_metrics import (
-    InstanceAPAccumulator,
-    InstancePredictionFiles,
-    has_instance_benchmark,
-    instance_name,
-    instance_protocol,
-    thing_components,
-)
+from samtune.finetune.scoring.instance_eval import AutomaticInstances, PromptedInstances
+from samtune.finetune.scoring.instance_metrics import has_instance_benchmark
 from samtune.finetune.scoring.metrics import ClassIoUAccumulator
 from samtune.finetune.scoring.semantic_metrics import ConfusionAccumulator
 from samtune.finetune.scoring.volume_metrics import SemanticVolumeAccumulator, VolumeMetricAccumulator
-from samtune.finetune.distributed import current, merge_across_ranks, shard
+from samtune.finetune.distributed import merge_across_ranks, shard
 
 
 EMPTY_MASK_RULE = (
@@ -103,44 +97,21 @@ def semantic_protocol(recipe: Recipe) -> dict:
     }
 
 
+def source_groups(source) -> list[str]:
+    """The groups scored on their own besides the whole split (ACDC conditions), when there are two or more."""
+    if source.group_name is None:
+        return []
+    groups = sorted({source.group(i) for i in range(len(source))})
+    return groups if len(groups) > 1 else []
+
+
+def _summary(result: dict) -> dict:
+    return {k: result[k] for k in ("miou", "mdice", "per_class") if k in result}
+
+
 def uses_box(recipe: Recipe) -> bool:
     """Evaluation's first prompt: the box when training mostly starts from boxes."""
     return recipe.prompts.box_probability >= 0.5
-
-
-class PromptedInstances:
-    """Instance AP of the prompted masks (``prompts.per: instance`` on Cityscapes with instanceIds):
-    each prompted instance's final mask is one prediction, its confidence the mean probability over
-    it; every validation image's ground truth counts (instances too small to prompt are misses)."""
-
-    def __init__(self, dataset: PromptedDataset, folder: Path | None):
-        self.source = source = dataset.source
-        ids = sorted(dataset.class_names)
-        self.label_ids = dict(zip(ids, source.label_space(ids).file_values()))
-        self.scores = InstanceAPAccumulator()
-        self.files = InstancePredictionFiles(folder) if folder is not None else None
-        for index in range(len(source)):
-            self.scores.add_ground_truth(instance_name(source, index), source.instance_ids(index))
-            if self.files is not None:
-                self.files.add_image(instance_name(source, index))
-
-    @staticmethod
-    def wanted(dataset: PromptedDataset, recipe: Recipe) -> bool:
-        return recipe.prompts.per == "instance" and not dataset.is_subset and has_instance_benchmark(dataset.source)
-
-    def add(self, meta: dict, logits: torch.Tensor, pred: np.ndarray) -> None:
-        name, class_id = instance_name(self.source, meta["index"]), meta["class_ids"][0]
-        confidence = float(torch.sigmoid(logits.float())[torch.from_numpy(pred)].mean()) if pred.any() else 0.0
-        kept = self.scores.add_prediction(name, self.source.instance_ids(meta["index"]), self.label_ids[class_id], pred, confidence)
-        if kept and self.files is not None:
-            self.files.add(name, f"{class_id:03d}_{meta['object']:03d}", self.label_ids[class_id], pred, confidence)
-
-    def result(self) -> dict:
-        merge_across_ranks(self.scores, *([self.files] if self.files is not None else []))
-        if self.files is not None and current().main:
-            self.files.write()
-        objects = "one mask per prompted instance (the final round's), confidence = its mean predicted probability"
-        return {**self.scores.result(), "protocol": instance_protocol(objects)}
 
 
 @torch.no_grad()
@@ -160,7 +131,8 @@ def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recip
     volumes = None  # volumetric sources with every slice evaluated: per-case 3D metrics in mm
     if dataset.source.volumetric and not dataset.is_subset:
         volumes = VolumeMetricAccumulator(dataset.source, dataset.class_names)
-    instances = PromptedInstances(dataset, instance_folder) if PromptedInstances.wanted(dataset, recipe) else None
+    instances = PromptedInstances(dataset, instance_folder) if PromptedInstances.wanted(dataset, recipe.prompts.per) else None
+    by_group = {g: ClassIoUAccumulator() for g in source_groups(dataset.source)}  # final round, per ACDC condition
     generator = torch.Generator(device=device)
     first_batch = items.start // batch_size
     for number, batch in enumerate(tqdm(loader, desc=desc, leave=False, unit="batch", disable=None), first_batch):  # None: no bar when not a terminal
@@ -179,10 +151,14 @@ def evaluate(model, family: ModelFamily, dataset: PromptedDataset, recipe: Recip
                     volumes.add(meta["index"], meta["class_ids"][0], pred)
                 if instances is not None and last:
                     instances.add(meta, original, pred)
+                if by_group and last:
+                    by_group[dataset.source.group(meta["index"])].add(meta["class_names"][0], pred, meta["targets"][0], meta["ignore"])
     model.train(was_training)
-    merge_across_ranks(*accumulators, *([volumes] if volumes is not None else []))
+    merge_across_ranks(*accumulators, *([volumes] if volumes is not None else []), *by_group.values())
     results = [acc.result() for acc in accumulators]
     metrics = results[-1]
+    if by_group:
+        metrics[f"by_{dataset.source.group_name}"] = {g: _summary(acc.result()) for g, acc in by_group.items()}
     metrics["prompt"] = "box" if use_box else "points"
     metrics["rounds"] = rounds
     metrics["protocol"] = prompted_protocol(recipe)
@@ -295,6 +271,7 @@ def evaluate_semantic(
     class_names = dict(zip(space.ids, space.names))
     confusion = ConfusionAccumulator(class_names, source.ignore_index)
     volumes = SemanticVolumeAccumulator(source, class_names) if source.volumetric else None
+    by_group = {g: ConfusionAccumulator(class_names, source.ignore_index) for g in source_groups(source)}
     loader = DataLoader(Subset(dataset, shard(len(dataset), batch_size)), batch_size=batch_size, shuffle=False, collate_fn=collate_semantic)
     instances = AutomaticInstances(source, space, instance_folder) if not source.volumetric and has_instance_benchmark(source) else None
     for batch in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):  # None: no bar when not a terminal
@@ -309,14 +286,18 @@ def evaluate_semantic(
                 instances.add(meta["index"], index_map, scores)
             pred = space.to_source_ids(index_map)
             confusion.add(pred, meta["label"])
+            if by_group:
+                by_group[source.group(meta["index"])].add(pred, meta["label"])
             if volumes is not None:
                 volumes.add_label(meta["index"], pred.astype(np.uint8))
             elif predictions is not None:
                 write_label_png(space.to_file_ids(index_map), predictions / source.prediction_name(meta["index"]))
     model.train(was_training)
-    merge_across_ranks(confusion, *([volumes] if volumes is not None else []))
+    merge_across_ranks(confusion, *([volumes] if volumes is not None else []), *by_group.values())
     metrics = confusion.result()
     metrics.pop("confusion", None)
+    if by_group:
+        metrics[f"by_{source.group_name}"] = {g: _summary(acc.result()) for g, acc in by_group.items()}
     if instances is not None:
         metrics["instances"] = instances.result()
     if volumes is not None:
@@ -324,30 +305,3 @@ def evaluate_semantic(
         metrics["label_volumes"] = volumes.volumes  # not JSON: the caller writes or drops them
     return metrics
 
-
-class AutomaticInstances:
-    """Instance AP of the automatic mode: each connected component (8-connectivity) of a thing class
-    in the fused label map is one instance, its confidence the mean probability of that class over
-    it (touching objects of one class therefore come out as one instance)."""
-
-    def __init__(self, source, space: LabelSpace, folder: Path | None):
-        self.source, self.label_ids = source, space.file_values()
-        self.scores = InstanceAPAccumulator()
-        self.files = InstancePredictionFiles(folder) if folder is not None else None
-
-    def add(self, index: int, index_map: np.ndarray, scores: np.ndarray) -> None:
-        name, ids = instance_name(self.source, index), self.source.instance_ids(index)
-        self.scores.add_ground_truth(name, ids)
-        if self.files is not None:
-            self.files.add_image(name)
-        for n, (label_id, mask, confidence) in enumerate(thing_components(index_map, scores, self.label_ids)):
-            if self.scores.add_prediction(name, ids, label_id, mask, confidence) and self.files is not None:
-                self.files.add(name, f"{n:04d}", label_id, mask, confidence)
-
-    def result(self) -> dict:
-        merge_across_ranks(self.scores, *([self.files] if self.files is not None else []))
-        if self.files is not None and current().main:
-            self.files.write()
-        objects = ("each connected component (8-connectivity) of a thing class in the automatic label map, confidence = the mean "
-                   "probability of that class over it")
-        return {**self.scores.result(), "protocol": instance_protocol(objects)}

@@ -45,6 +45,10 @@ def print_results(columns: dict[str, dict], recipe: Recipe) -> None:
         ))  # fmt: skip
         if "volume" in last["semantic"]:
             print(describe_volume(last["semantic"], "semantic, per case 3D (whole predicted volumes)"))
+    for part in ("prompted", "semantic"):
+        for key, groups in last.get(part, {}).items():
+            if key.startswith("by_") and isinstance(groups, dict):  # by_round is a list
+                print(format_table(groups, title=f"{part.upper()} per {key[3:]} (the same evaluation, each {key[3:]} on its own)"))
     for part, how in (("prompted", "one prompted mask per instance"), ("semantic", "connected components of the automatic label map")):
         if "instances" in last.get(part, {}):
             print(describe_instances(last[part]["instances"], f"INSTANCES ({how}): Cityscapes instance-level AP"))

@@ -30,3 +30,29 @@ def test_cityscapes_checkpoint_evaluated_on_acdc_night(task, cs_root, acdc_root,
     part = metrics["prompted" if task == "promptable" else "semantic"]
     assert part["protocol"]["data"] == {"kind": "acdc", "root": str(acdc_root), "split": "val", "conditions": ["night"],
                                         "class_space": "Cityscapes 19 trainIds (labelIds mapped by the official table), 255 ignored"}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["promptable", "automatic"])
+def test_one_evaluation_scores_each_acdc_condition_as_its_own_evaluation_does(task, acdc_root, tmp_path, capsys):
+    """by_condition of an evaluation over every condition = the scores of one evaluation per condition
+    (tight boxes, every object: the same prompts either way)."""
+    run = tmp_path / "run"
+    common = [*TINY, "eval.max_samples=null", f"task={task}", f"data.root={acdc_root}", f"output.dir={run}"]
+    assert main(["-q", "train", str(REPO / "recipes" / "driving" / "acdc_demo.yaml"), *common, "train.steps=1", "train.eval_every=1"]) == 0
+    part = "prompted" if task == "promptable" else "semantic"
+
+    def evaluate(name: str, *extra: str) -> dict:
+        out = tmp_path / name / "metrics.json"
+        assert main(["-q", "evaluate", str(REPO / "recipes" / "driving" / "acdc_demo.yaml"), "--checkpoint",
+                     str(run / "checkpoints" / "last"), "--out", str(out), *common, *extra]) == 0  # fmt: skip
+        return json.loads(out.read_text())[part]
+
+    together = evaluate("all")
+    assert sorted(together["by_condition"]) == ["fog", "night", "rain", "snow"]
+    assert "per condition" in capsys.readouterr().out
+    for condition, scores in together["by_condition"].items():
+        alone = evaluate(condition, f"data.val_conditions=[{condition}]")
+        assert "by_condition" not in alone
+        assert scores["miou"] == pytest.approx(alone["miou"], abs=1e-12, nan_ok=True), condition
+        for name, c in alone["per_class"].items():
+            assert scores["per_class"][name]["iou"] == pytest.approx(c["iou"], abs=1e-12, nan_ok=True), (condition, name)
