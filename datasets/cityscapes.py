@@ -11,6 +11,12 @@ single-channel PNG the size of its image, holding labelIds 0..33 (trainIds files
 anything else is a ``BadCase`` (an error, or left out with ``data.on_bad_case: skip``). The
 per-class pixel counts are kept, so ``slice_classes`` never reads a label again.
 
+Instances (``prompts.per: instance``, instance AP): ``*_gtFine_instanceIds.png`` beside each label,
+read as cityscapesScripts' json2instanceImg writes it: a 16-bit PNG holding labelId × 1000 + n for
+the n-th object (from 0) of the thing classes (person, rider, car, truck, bus, train, motorcycle,
+bicycle; also caravan and trailer, which have no trainId), and the plain labelId elsewhere, crowd
+("group") regions of thing classes included. Only read where instances are asked for.
+
 ``TrainIdSource`` holds all of that for any list of image/label pairs; ``CityscapesSource`` only
 finds Cityscapes' pairs, and the other layouts in this class space (``bdd100k.py``, ``acdc.py``)
 do the same for theirs.
@@ -347,6 +353,29 @@ class CityscapesSource(TrainIdSource):
         return (f"{len(missing)} of {len(self)} images have no {INSTANCE_IDS_SUFFIX} (first: {missing[0]}); put the gtFine "
                 "instanceIds files of the official download beside the labelIds files (or write them from the polygons "
                 "with cityscapesScripts' json2instanceImg), or use prompts.per: component")
+
+    def consistency_problems(self) -> list[dict]:
+        """Also: the first instanceIds file must agree with its labelIds file (id // 1000, or the id
+        itself below 1000, is the labelId of every pixel), as json2instanceImg writes them."""
+        problems = super().consistency_problems()
+        for i in range(len(self)):
+            label_ids = self.labels[i].parent / f"{self.stems[i]}{self.LABEL_IDS_SUFFIX}"
+            if self.instance_file(i).is_file() and label_ids.is_file():
+                try:
+                    ids = self.instance_ids(i)
+                except SamtuneError as exc:
+                    return problems + [{"case": self.item_id(i), "file": str(self.instance_file(i)), "problem": str(exc)}]
+                expected = read_label_png(label_ids, self.item_id(i)).astype(np.int32)
+                wrong = np.where(ids >= 1000, ids // 1000, ids) != expected
+                if wrong.any():
+                    y, x = np.argwhere(wrong)[0]
+                    problems.append({
+                        "case": self.item_id(i), "file": str(self.instance_file(i)),
+                        "problem": f"disagrees with {label_ids.name} at {int(wrong.sum())} px (e.g. row {y}, column {x}: instance id "
+                        f"{ids[y, x]}, labelId {expected[y, x]}); regenerate the instanceIds files with cityscapesScripts' json2instanceImg",
+                    })  # fmt: skip
+                break
+        return problems
 
     def instance_ids(self, index: int) -> np.ndarray:
         if self._instances is not None and self._instances[0] == index:

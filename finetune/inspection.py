@@ -113,6 +113,10 @@ def inspect_data(recipe: Recipe, progress: bool = True) -> dict:
         _image_summary(sources, report, progress)
     report["slices"].update(train=len(sources.train), val=len(sources.val))
     for side in ("train", "val"):
+        problem = getattr(sources, side).instance_problem() if len(getattr(sources, side)) else None
+        if problem and recipe.prompts.per == "instance":
+            report["problems"].append({"case": None, "file": None, "problem": f"prompts.per=instance, {side} split: {problem}"})
+    for side in ("train", "val"):
         if not len(getattr(sources, side)):
             report["problems"].append({"case": None, "file": None, "problem": f"the {side} split is empty"})
     if report["layout"] in ("folders", "folder2d") and recipe.data.class_names is None:  # only these read class_names

@@ -10,7 +10,11 @@ import pytest
 from PIL import Image
 
 from samtune import SamtuneError
+from samtune.adapters.preprocess import LongestSideTransform
 from samtune.datasets.cityscapes import CLASS_NAMES, IGNORE_INDEX, CityscapesSource, map_label_ids
+from samtune.datasets.prompted import PromptedDataset
+from samtune.datasets.synthetic import generate_cityscapes
+from samtune.finetune.recipe import PromptsSection
 
 # cityscapesScripts/helpers/labels.py: (name, id, trainId); trainId 255 and -1 are not trained.
 OFFICIAL = [
@@ -201,8 +205,6 @@ def test_class_counts_come_from_the_scan_at_construction(cs_root):
 
 
 def test_many_labels_are_scanned_in_order_and_bad_ones_left_out(tmp_path):
-    from samtune.datasets.synthetic import generate_cityscapes
-
     root = generate_cityscapes(tmp_path / "cs", n_train=7, n_val=1, size_wh=(64, 32))
     labels = sorted(root.glob("gtFine/train/*/*_gtFine_labelIds.png"))
     for bad in (labels[2], labels[5]):
@@ -216,3 +218,43 @@ def test_many_labels_are_scanned_in_order_and_bad_ones_left_out(tmp_path):
     assert src.labels == [p for i, p in enumerate(labels) if i not in (2, 5)]
     assert [s["file"] for s in src.skipped] == [str(labels[2]), str(labels[5])]
     assert len(src.counts) == len(src) == 5
+
+
+# ---------------------------------------------------------------------------------- instances
+def test_instances_are_the_instance_ids_of_thing_classes(tmp_path):
+    """load_instances numbers the ids >= 1000 of *_gtFine_instanceIds.png (groups and stuff: 0);
+    slice_instances gives each trainId's instance sizes; instance_ids is the file as it is."""
+    root = generate_cityscapes(tmp_path / "cs", n_train=0, n_val=2, size_wh=(256, 128))
+    src = CityscapesSource(root, "val")
+    assert src.instance_problem() is None
+    for i in range(len(src)):
+        with Image.open(src.instance_file(i)) as img:
+            raw = np.asarray(img).astype(np.int32)
+        assert np.array_equal(src.instance_ids(i), raw)
+        instances = src.load_instances(i)
+        assert instances.dtype == np.uint16 and np.array_equal(instances > 0, raw >= 1000)
+        ids = sorted(np.unique(raw[raw >= 1000]).tolist())
+        assert sorted(np.unique(instances[instances > 0]).tolist()) == list(range(1, len(ids) + 1))
+        for number, value in enumerate(ids, start=1):  # one instance number per id, in id order
+            assert np.array_equal(instances == number, raw == value)
+        expected: dict[int, list[int]] = {}
+        for value in ids:
+            expected.setdefault(int(map_label_ids(np.array([[value // 1000]], np.uint8))[0, 0]), []).append(int((raw == value).sum()))
+        assert src.slice_instances(i) == {c: sorted(s, reverse=True) for c, s in sorted(expected.items())}
+
+
+def test_missing_instance_files_are_named_for_per_instance_prompts(cs_root):
+    victim = next((cs_root / "gtFine" / "train").glob("*/*_gtFine_instanceIds.png"))
+    victim.unlink()
+    src = CityscapesSource(cs_root, "train")  # the labels alone are enough for everything else
+    assert str(victim) in src.instance_problem()
+    with pytest.raises(SamtuneError, match="prompts.per=instance: 1 of 2 images have no _gtFine_instanceIds.png"):
+        PromptedDataset(src, LongestSideTransform(64), PromptsSection(per="instance"), min_pixels=10, training=True, seed=0)
+    PromptedDataset(src, LongestSideTransform(64), PromptsSection(per="component"), min_pixels=10, training=True, seed=0)
+
+
+def test_an_instance_file_of_the_wrong_size_is_named(cs_root):
+    path = next((cs_root / "gtFine" / "val").glob("*/*_gtFine_instanceIds.png"))
+    Image.fromarray(np.zeros((10, 10), np.uint16)).save(path)
+    with pytest.raises(SamtuneError, match=r"instanceIds file is a single-channel 16-bit PNG the size of its label \(128×64\)"):
+        CityscapesSource(cs_root, "val").load_instances(0)

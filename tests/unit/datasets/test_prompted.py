@@ -179,3 +179,49 @@ def test_per_component_index_comes_from_the_source_when_it_has_one(blob_source):
     ds = PromptedDataset(IndexedSource(), LongestSideTransform(64), PromptsSection(per="component"), min_pixels=70, training=False, seed=0)
     assert IndexedSource.loads == 0  # nothing opened to count components
     assert len(ds) == 2 * 2  # per image: the 100 px blob and the 108 px bar; the 60 px blob is too small
+
+
+def test_per_instance_evaluation_prompts_each_touching_car_on_its_own(tmp_path):
+    """Cityscapes instanceIds: one sample per instance of >= min_pixels (the touching parked cars are
+    one connected component but several samples), its target the instance, its box the instance's
+    box scaled to the input; stuff classes stay one object per class."""
+    from scipy import ndimage
+
+    from samtune.datasets.cityscapes import CityscapesSource
+    from samtune.datasets.synthetic import generate_cityscapes
+
+    root = generate_cityscapes(tmp_path / "cs", n_train=0, n_val=1, size_wh=(256, 128))
+    source = CityscapesSource(root, "val")
+    instances, (_, label) = source.load_instances(0), source.load(0)
+    transform = LongestSideTransform(128)  # 256 px wide -> scale 0.5
+    ds = PromptedDataset(source, transform, PromptsSection(per="instance", box_jitter_px=0), min_pixels=20, training=False, seed=0)
+    cars = [ds[k] for k in range(len(ds)) if ds[k][S.META]["class_ids"] == [13]]
+    expected = sorted(int(n) for n in np.bincount(instances[label == 13])[1:] if n >= 20)
+    assert sorted(int(c[S.META]["targets"][0].sum()) for c in cars) == expected
+    assert ndimage.label(label == 13)[1] < len(cars)  # fewer components than car samples: cars touch
+    for car in cars:
+        target = car[S.META]["targets"][0]
+        assert len(np.unique(instances[target])) == 1 and instances[target][0] > 0  # exactly one instance
+        ys, xs = np.nonzero(target)
+        x0, y0, x1, y1 = car[S.BOXES][0].tolist()
+        assert abs(x0 - xs.min() / 2) <= 1 and abs(x1 - (xs.max() + 1) / 2) <= 1 and abs(y0 - ys.min() / 2) <= 1
+    roads = [ds[k] for k in range(len(ds)) if ds[k][S.META]["class_ids"] == [0]]
+    assert len(roads) == 1 and np.array_equal(roads[0][S.META]["targets"][0], label == 0)
+
+
+def test_per_instance_training_samples_are_instances(tmp_path):
+    from samtune.datasets.cityscapes import CityscapesSource
+    from samtune.datasets.synthetic import generate_cityscapes
+
+    root = generate_cityscapes(tmp_path / "cs", n_train=1, n_val=0, size_wh=(128, 64))
+    source = CityscapesSource(root, "train")
+    transform = LongestSideTransform(128)  # no resizing: masks are the original objects
+    ds = PromptedDataset(source, transform, PromptsSection(per="instance", box_jitter_px=0), min_pixels=20, training=True, seed=0, per_image=16)
+    instances, (_, label) = source.load_instances(0), source.load(0)
+    sample = ds[0]
+    for class_id, mask in zip(sample[S.META]["class_ids"], sample[S.MASKS][:, :64, :128].bool().numpy()):
+        ids = np.unique(instances[mask])
+        if class_id in (11, 13):  # person, car: one instance each
+            assert len(ids) == 1 and ids[0] > 0 and np.array_equal(mask, (instances == ids[0]) & (label == class_id))
+        else:
+            assert np.array_equal(mask, label == class_id)

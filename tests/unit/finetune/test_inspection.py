@@ -80,3 +80,18 @@ def test_inspect_lists_cityscapes_labels_with_unknown_ids_as_problems(cs_root, t
     assert problem["file"] == str(label) and "[34, 40]" in problem["problem"] and "labelIds" in problem["problem"]
     assert len(report["cases"]["train"]) == 1
     assert str(label) in format_report(report)
+
+
+def test_inspect_flags_instance_ids_that_disagree_with_label_ids_and_missing_ones(cs_root):
+    recipe = validate_recipe({"data": {"kind": "cityscapes", "root": str(cs_root)}, "prompts": {"per": "instance"}})
+    assert inspect_data(recipe, progress=False)["problems"] == []
+    first = sorted(cs_root.glob("gtFine/train/*/*_gtFine_instanceIds.png"))[0]
+    ids = np.asarray(Image.open(first)).copy()
+    ids[ids // 1000 == 26] = 27000  # the cars as a truck instance: not what the labelIds file says
+    Image.fromarray(ids).save(first)
+    (problem,) = inspect_data(recipe, progress=False)["problems"]
+    assert problem["file"] == str(first) and "instance id 27000, labelId 26" in problem["problem"] and "json2instanceImg" in problem["problem"]
+    first.unlink()
+    (problem,) = inspect_data(recipe, progress=False)["problems"]
+    assert problem["problem"].startswith("prompts.per=instance, train split: 1 of 2 images have no _gtFine_instanceIds.png") and str(first) in problem["problem"]
+    assert inspect_data(validate_recipe({"data": {"kind": "cityscapes", "root": str(cs_root)}}), progress=False)["problems"] == []
