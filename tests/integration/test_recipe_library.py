@@ -3,7 +3,7 @@ mode, LoRA preset, prompts and rounds, loss, schedule, attention, cache, augment
 what needs weights, data or a GPU swapped: the model for ``tiny`` at 64 px (SAM 3 recipes:
 ``sam3-tiny-random`` at 56 px), the data for the
 generated phantom (NIfTI or DICOM) / Cityscapes-, BDD100K-, ACDC- or Vistas-style tree or COCO tree, fp32 on the CPU.
-A few recipes run a second time with an option that changes the class space (``VARIANTS``)."""
+A few recipes run a second time with an option that changes the class space or the objects (``VARIANTS``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from samtune.finetune.cli import main
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 # shipped recipes run once more with these overrides: options that change the class space
-VARIANTS = {"driving/mapillary_demo.yaml": ["data.version=v1.2", "data.cityscapes_classes=true"]}
+VARIANTS = {"driving/mapillary_demo.yaml": ["data.version=v1.2", "data.cityscapes_classes=true"],
+            "driving/cityscapes_demo.yaml": ["task=both", "prompts.per=instance", "eval.max_samples=null"]}
 CASES = [pytest.param(p, [], id=str(p.relative_to(REPO / "recipes"))) for p in RECIPES] + [
     pytest.param(REPO / "recipes" / name, extra, id=f"{name}+{'+'.join(extra)}") for name, extra in VARIANTS.items()
 ]
@@ -47,6 +48,10 @@ def test_a_shipped_recipe_runs_one_step(path, extra, request, tmp_path):
     if "data.cityscapes_classes=true" in extra:  # Vistas scored in the Cityscapes class space, and the protocol says so
         assert metrics["prompted"]["protocol"]["data"]["class_space"] == MAPPED_CLASS_SPACE
         assert metrics["prompted"]["per_class"] and set(metrics["prompted"]["per_class"]) <= set(CLASS_NAMES.values())
+    if "prompts.per=instance" in extra:  # every instance prompted: the instance benchmark scores both modes
+        assert {"prompted", "semantic"} <= set(metrics) and all("instances" in metrics[p] for p in ("prompted", "semantic"))
+        assert "car" in metrics["semantic"]["instances"]["per_class"]  # (128×64 scenes: no car reaches the 100 px that count)
+        raw["task"] = "both"
     assert metrics["step"] == 1 and metrics["task"] == raw.get("task", "promptable")
     expected = {"promptable": {"prompted"}, "automatic": {"semantic"}, "both": {"prompted", "semantic"}}[metrics["task"]]
     assert expected <= set(metrics) and all(p not in metrics for p in {"prompted", "semantic"} - expected)
