@@ -140,10 +140,16 @@ class PromptedDataset(Dataset):
         resized_label = out["mask"]
         resized_instances = None if instances is None else self._resize_instances(instances)
 
+        h, w = self.transform.resized_shape(image.shape[:2])
+        smallest = self.min_pixels * h * w / (image.shape[0] * image.shape[1])  # data.min_pixels in the input frame
+
         def objects_of(class_id: int) -> list[np.ndarray]:
+            """The class's objects in the input frame of at least data.min_pixels (the largest if none is)."""
             if resized_instances is None:
-                return split_objects(resized_label == class_id, self.prompts.per)
-            return instance_objects(resized_instances, resized_label == class_id)
+                found = split_objects(resized_label == class_id, self.prompts.per)
+            else:
+                found = instance_objects(resized_instances, resized_label == class_id)
+            return [o for o in found if o.sum() >= smallest] or found[:1]
         objects: list[tuple[int, np.ndarray]] = []
         if self.training:
             pixels = np.bincount(resized_label.ravel(), minlength=max(class_ids) + 1)

@@ -225,3 +225,15 @@ def test_per_instance_training_samples_are_instances(tmp_path):
             assert len(ids) == 1 and ids[0] > 0 and np.array_equal(mask, (instances == ids[0]) & (label == class_id))
         else:
             assert np.array_equal(mask, label == class_id)
+
+
+def test_training_objects_are_at_least_min_pixels_as_in_evaluation(blob_source):
+    """per: component trains on the components of >= data.min_pixels (in the input frame: 40 px
+    images at 80 px, so 4× the pixels); the 60 px blob is never one at min_pixels 70."""
+    ds = PromptedDataset(blob_source(), LongestSideTransform(80), PromptsSection(per="component"), min_pixels=70, training=True, seed=0, per_image=8)
+    samples = [ds[k % 2] for k in range(4)]
+    sizes = {int(m.sum()) for s in samples for m, c in zip(s[S.MASKS], s[S.META]["class_ids"]) if c == 1}
+    assert sizes == {400}  # the 100 px blob, 4× larger at 80 px
+    small = PromptedDataset(blob_source(), LongestSideTransform(80), PromptsSection(per="component"), min_pixels=10, training=True, seed=0, per_image=16)
+    sample = small[0]
+    assert {int(m.sum()) for m, c in zip(sample[S.MASKS], sample[S.META]["class_ids"]) if c == 1} == {400, 240}
