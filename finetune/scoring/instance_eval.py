@@ -24,21 +24,48 @@ from samtune.finetune.scoring.instance_metrics import (
 )
 
 
-class PromptedInstances:
+class _InstanceScores:
+    """Scores (and, with a folder, the evaluator's files) of one kind of predicted instances."""
+
+    OBJECTS = ""  # what one prediction is, for the protocol
+
+    def __init__(self, source, folder: Path | None):
+        self.source = source
+        self.scores = InstanceAPAccumulator()
+        self.files = InstancePredictionFiles(folder) if folder is not None else None
+
+    def _image(self, index: int) -> tuple[str, np.ndarray]:
+        """(name, ground truth) of image ``index``, registered for scoring and files."""
+        name, ids = instance_name(self.source, index), self.source.instance_ids(index)
+        self.scores.add_ground_truth(name, ids)
+        if self.files is not None:
+            self.files.add_image(name)
+        return name, ids
+
+    def _predict(self, name: str, ids: np.ndarray, tag: str, label_id: int, mask: np.ndarray, confidence: float) -> None:
+        if self.scores.add_prediction(name, ids, label_id, mask, confidence) and self.files is not None:
+            self.files.add(name, tag, label_id, mask, confidence)
+
+    def result(self) -> dict:
+        merge_across_ranks(self.scores, *([self.files] if self.files is not None else []))
+        if self.files is not None and current().main:
+            self.files.write()
+        return {**self.scores.result(), "protocol": instance_protocol(self.OBJECTS)}
+
+
+class PromptedInstances(_InstanceScores):
     """Instance AP of the prompted masks (``prompts.per: instance`` on Cityscapes with instanceIds):
     each prompted instance's final mask is one prediction, its confidence the mean probability over
     it; every validation image's ground truth counts (instances too small to prompt are misses)."""
 
+    OBJECTS = "one mask per prompted instance (the final round's), confidence = its mean predicted probability"
+
     def __init__(self, dataset: PromptedDataset, folder: Path | None):
-        self.source = source = dataset.source
+        super().__init__(dataset.source, folder)
         ids = sorted(dataset.class_names)
-        self.label_ids = dict(zip(ids, source.label_space(ids).file_values()))
-        self.scores = InstanceAPAccumulator()
-        self.files = InstancePredictionFiles(folder) if folder is not None else None
-        for index in range(len(source)):
-            self.scores.add_ground_truth(instance_name(source, index), source.instance_ids(index))
-            if self.files is not None:
-                self.files.add_image(instance_name(source, index))
+        self.label_ids = dict(zip(ids, dataset.source.label_space(ids).file_values()))
+        for index in range(len(dataset.source)):
+            self._image(index)
 
     @staticmethod
     def wanted(dataset: PromptedDataset, per: str) -> bool:
@@ -48,41 +75,23 @@ class PromptedInstances:
     def add(self, meta: dict, logits: torch.Tensor, pred: np.ndarray) -> None:
         name, class_id = instance_name(self.source, meta["index"]), meta["class_ids"][0]
         confidence = float(torch.sigmoid(logits.float())[torch.from_numpy(pred)].mean()) if pred.any() else 0.0
-        kept = self.scores.add_prediction(name, self.source.instance_ids(meta["index"]), self.label_ids[class_id], pred, confidence)
-        if kept and self.files is not None:
-            self.files.add(name, f"{class_id:03d}_{meta['object']:03d}", self.label_ids[class_id], pred, confidence)
-
-    def result(self) -> dict:
-        merge_across_ranks(self.scores, *([self.files] if self.files is not None else []))
-        if self.files is not None and current().main:
-            self.files.write()
-        objects = "one mask per prompted instance (the final round's), confidence = its mean predicted probability"
-        return {**self.scores.result(), "protocol": instance_protocol(objects)}
+        label_id = self.label_ids[class_id]
+        self._predict(name, self.source.instance_ids(meta["index"]), f"{class_id:03d}_{meta['object']:03d}", label_id, pred, confidence)
 
 
-class AutomaticInstances:
+class AutomaticInstances(_InstanceScores):
     """Instance AP of the automatic mode: each connected component (8-connectivity) of a thing class
     in the fused label map is one instance, its confidence the mean probability of that class over
     it (touching objects of one class therefore come out as one instance)."""
 
+    OBJECTS = ("each connected component (8-connectivity) of a thing class in the automatic label map, confidence = the mean "
+               "probability of that class over it")
+
     def __init__(self, source, space: LabelSpace, folder: Path | None):
-        self.source, self.label_ids = source, space.file_values()
-        self.scores = InstanceAPAccumulator()
-        self.files = InstancePredictionFiles(folder) if folder is not None else None
+        super().__init__(source, folder)
+        self.label_ids = space.file_values()
 
     def add(self, index: int, index_map: np.ndarray, scores: np.ndarray) -> None:
-        name, ids = instance_name(self.source, index), self.source.instance_ids(index)
-        self.scores.add_ground_truth(name, ids)
-        if self.files is not None:
-            self.files.add_image(name)
+        name, ids = self._image(index)
         for n, (label_id, mask, confidence) in enumerate(thing_components(index_map, scores, self.label_ids)):
-            if self.scores.add_prediction(name, ids, label_id, mask, confidence) and self.files is not None:
-                self.files.add(name, f"{n:04d}", label_id, mask, confidence)
-
-    def result(self) -> dict:
-        merge_across_ranks(self.scores, *([self.files] if self.files is not None else []))
-        if self.files is not None and current().main:
-            self.files.write()
-        objects = ("each connected component (8-connectivity) of a thing class in the automatic label map, confidence = the mean "
-                   "probability of that class over it")
-        return {**self.scores.result(), "protocol": instance_protocol(objects)}
+            self._predict(name, ids, f"{n:04d}", label_id, mask, confidence)
