@@ -20,6 +20,7 @@ Both return the object's Z×H×W mask at the volume's original slice resolution.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -159,12 +160,20 @@ class MemoryTracker:
 
 
 def make_propagator(kind: str, model, family, variant, checkpoint, transform, device, predict: Callable | None = None) -> tuple[Callable, str]:
-    """(propagate(load, depth, prompt) -> Z×H×W bool, the way used: "memory" or "box").
+    """(propagate(load, depth, prompt) -> Z×H×W bool, the way used: "memory" or "box"); ``auto``:
+    memory where the family can build it from this checkpoint, else boxes (with a warning).
     ``predict(image, box, points, labels)``: the one-slice prediction box propagation uses
     (default ``predict_slice`` with this model)."""
     from samtune.errors import SamtuneError
 
-    video = family.video_model(model, variant, checkpoint) if kind in ("auto", "memory") else None
+    video = None
+    if kind in ("auto", "memory"):
+        try:
+            video = family.video_model(model, variant, checkpoint)
+        except SamtuneError as exc:  # auto: a checkpoint without memory modules still propagates, with boxes
+            if kind == "memory":
+                raise
+            logging.getLogger(__name__).warning("propagation auto: no memory (%s); propagating with boxes instead", exc)
     if kind == "memory" and video is None:
         raise SamtuneError(f"eval.propagation=memory: the {family.name} family has no memory (SAM 2, EdgeTAM and SAM 3 families have); use box or auto.")
     if video is not None:

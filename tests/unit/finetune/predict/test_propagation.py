@@ -53,6 +53,18 @@ def test_families_without_memory_propagate_by_boxes():
         make_propagator("memory", model, family, get_variant("tiny"), None, family.make_transform(64), torch.device("cpu"))
 
 
+def test_auto_falls_back_to_boxes_where_the_checkpoint_has_no_memory(caplog):
+    """An EdgeTAM checkpoint file holds the image model only: memory refuses it, auto propagates
+    with boxes and says why."""
+    model, family = build_model("edgetam-tiny-random", image_size=64), family_of("edgetam-tiny-random")
+    variant, official = get_variant("edgetam-tiny-random"), __file__  # any file: the memory modules cannot come from one
+    with pytest.raises(SamtuneError, match="converts the official EdgeTAM file for the image model only"):
+        make_propagator("memory", model, family, variant, official, family.make_transform(64), torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        _, way = make_propagator("auto", model, family, variant, official, family.make_transform(64), torch.device("cpu"))
+    assert way == "box" and "propagating with boxes instead" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def sam2():
     return build_model("sam2-tiny-random", image_size=64), family_of("sam2-tiny-random")
