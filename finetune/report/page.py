@@ -2,7 +2,8 @@
 no network (charts embedded as base64 PNG, CSS inline, no script).
 
 Per run: the evaluation protocol of each part, per-class IoU/Dice before and after fine-tuning
-(and the per-case 3D means of volumes; Dice/NSD by click of ``eval.volume_mode: interactive``),
+(and the per-case 3D means of volumes; per ACDC condition; the Cityscapes instance AP with its
+protocol; Dice/NSD by click of ``eval.volume_mode: interactive``: ``part_tables``),
 bar charts, learning curves, mIoU/mDice by prompt round, the best and worst validation cases
 predicted again from the run's best checkpoint, the recipe, parameter counts, skipped cases and
 the guardrails' findings. Several runs get a comparison table
@@ -12,12 +13,8 @@ still gets its report; the montage then says why it is missing.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +22,8 @@ import yaml
 
 from samtune import SamtuneError
 from samtune.files import write_atomic
+from samtune.finetune.report.markup import count, dl, esc, flatten, img, note, num, table  # noqa: F401 (num: the tables' number format, also imported from here)
+from samtune.finetune.report.part_tables import group_table, instance_table, interactive_table, per_class_table
 
 log = logging.getLogger(__name__)
 
@@ -95,54 +94,6 @@ def read_run(path: str | Path) -> Run:
     return Run(folder, metrics_file, metrics, text, recipe if isinstance(recipe, dict) else {}, checkpoint)
 
 
-def _e(value) -> str:
-    return html.escape(str(value))
-
-
-def num(value, digits: int = 3) -> str:
-    """A metric as the tables show it; NaN (absent class, undefined HD95) and missing as an em dash."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{value:.{digits}f}"
-
-
-def _table(header: list[str], rows: list[tuple[dict, list[str]]], cls: str, attrs: str = "") -> str:
-    """``rows``: (attributes of the <tr>, cells already escaped); cells starting with a digit, sign or dash are right-aligned."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = []
-    for tr, cells in rows:
-        tr_attrs = "".join(f' {k}="{_e(v)}"' for k, v in tr.items())
-        tds = "".join(f'<td class="n">{c}</td>' if re.sub("<[^>]+>", "", c)[:1] in "0123456789-+—" else f"<td>{c}</td>" for c in cells)
-        body.append(f"<tr{tr_attrs}>{tds}</tr>")
-    return f'<div class="scroll"><table class="{cls}"{attrs}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{_e(alt)}">'
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' * (n != 1)}"
-
-
-def _dl(pairs: list[tuple[str, str]]) -> str:
-    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
-
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
-    out = []
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out += _flatten(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", _e("—" if value is None else value)))
-    return out
-
-
 def _model_name(run: Run) -> str:
     model = run.recipe.get("model") or {}
     return f"{model.get('name', '?')} @ {model.get('image_size', '?')} px" if model else "unknown (no recipe.yaml)"
@@ -156,11 +107,11 @@ def comparison_table(runs: list[Run]) -> str:
     for i, run in enumerate(runs, 1):
         m, part = run.metrics, _headline(run)
         per_class = m[part]["per_class"]
-        cells = [f'<a href="#run-{i}">{_e(run.name)}</a>', _e(m.get("task", run.recipe.get("task", "?"))), _e(_model_name(run)), part,
+        cells = [f'<a href="#run-{i}">{esc(run.name)}</a>', esc(m.get("task", run.recipe.get("task", "?"))), esc(_model_name(run)), part,
                  num(m[part]["miou"]), num(m[part]["mdice"]), num(m.get("miou_gain")),
                  *[num(per_class.get(c, {}).get("iou")) for c in classes]]  # fmt: skip
         rows.append(({"data-run": run.name}, cells))
-    return "<h2 id=\"comparison\">Comparison</h2>" + _table(header, rows, "comparison")
+    return "<h2 id=\"comparison\">Comparison</h2>" + table(header, rows, "comparison")
 
 
 def _headline(run: Run) -> str:
@@ -168,80 +119,17 @@ def _headline(run: Run) -> str:
     return part if part in run.metrics else next(p for p in PARTS if p in run.metrics)
 
 
-def per_class_table(part: str, metrics: dict, before: dict | None) -> str:
-    after = metrics[part]["per_class"]
-    volume = metrics[part].get("volume")
-    header = ["class", *(["IoU before", "Dice before"] if before else []), "IoU after", "Dice after", *(["ΔIoU"] if before else [])]
-    header += ["samples"] if part == "prompted" else []
-    header += ["3D Dice", "HD95 mm", "NSD", "cases"] if volume else []
-    rows = []
-    for name, c in after.items():
-        cells = [_e(name)]
-        if before:
-            b = before["per_class"].get(name, {})
-            cells += [num(b.get("iou")), num(b.get("dice"))]
-        cells += [num(c["iou"]), num(c["dice"])]
-        if before:
-            cells.append(_delta(c["iou"], before["per_class"].get(name, {}).get("iou")))
-        cells += [num(c.get("samples"))] if part == "prompted" else []
-        if volume:
-            v = volume["per_class"].get(name, {})
-            cells += [num(v.get("dice")), num(v.get("hd95_mm"), 1), num(v.get("nsd")), num(v.get("cases"))]
-        rows.append(({"data-class": name}, cells))
-    mean = ["mean", *([num(before["miou"]), num(before["mdice"])] if before else []), num(metrics[part]["miou"]), num(metrics[part]["mdice"])]
-    mean += [_delta(metrics[part]["miou"], before["miou"])] if before else []
-    mean += [num(metrics[part].get("n_samples"))] if part == "prompted" else []
-    mean += [num(volume["mdice"]), num(volume["mhd95_mm"], 1), num(volume["mnsd"]), ""] if volume else []
-    rows.append(({"class": "mean"}, mean))
-    table = _table(header, rows, "per-class", f' data-part="{part}"')
-    if "pixel_accuracy" in metrics[part]:
-        before_accuracy = f" (before fine-tuning {num(before.get('pixel_accuracy'))})" if before else ""
-        table += f"<p>pixel accuracy {num(metrics[part]['pixel_accuracy'])}{before_accuracy}</p>"
-    if volume:
-        table += _per_case_details(volume)
-    return table
-
-
-def _delta(after, before) -> str:
-    if after is None or before is None or math.isnan(after) or math.isnan(before):
-        return "—"
-    return f'<span class="{"up" if after >= before else "down"}">{after - before:+.3f}</span>'
-
-
-def _per_case_details(volume: dict) -> str:
-    rows = [({}, [_e(pc["case"]), _e(name), num(pc["dice"]), num(pc["hd95_mm"], 1), num(pc["nsd"])])
-            for name, c in volume["per_class"].items() for pc in c.get("per_case", [])]  # fmt: skip
-    tolerance = volume.get("nsd_tolerance_mm")
-    return (f"<details><summary>per case, 3D ({len(rows)} rows; NSD at {num(tolerance, 1)} mm; "
-            f"{_e(volume.get('accumulation', ''))})</summary>{_table(['case', 'class', 'Dice', 'HD95 mm', 'NSD'], rows, 'per-case')}</details>")  # fmt: skip
-
-
-def interactive_table(part: dict) -> str:
-    """``eval.volume_mode: interactive``: per class (and their mean) Dice and NSD after step 0 and
-    each click, the challenge's AUC over the clicks and the final value; per case in a <details>."""
-    steps = len(part["mean"]["dice"])
-    first = "box" if part.get("first_prompt") == "box" else "automatic"
-    header = ["class", "metric", f"step 0 ({first})", *[f"click {s}" for s in range(1, steps)], f"AUC (0–{steps - 2})", "final", "cases"]
-
-    def rows(name: str, c: dict, attrs: dict, cases: str) -> list[tuple[dict, list[str]]]:
-        return [({**attrs, "data-metric": key}, [_e(name) if key == "dice" else "", label, *[num(v) for v in c[key]],
-                                                  num(c[f"{key}_auc"]), num(c[f"final_{key}"]), cases if key == "dice" else ""])
-                for key, label in (("dice", "Dice"), ("nsd", "NSD"))]  # fmt: skip
-
-    body = [row for name, c in part["per_class"].items() if c["cases"] for row in rows(name, c, {"data-class": name}, num(c["cases"]))]
-    body += rows("mean", part["mean"], {"class": "mean"}, "")
-    cases = [({}, [_e(pc["case"]), _e(name), *[num(v) for v in pc["dice"]], num(pc["dice_auc"]), num(pc["nsd"][-1]), num(pc["nsd_auc"]),
-                   _e(" ".join(str(c[3]) for c in pc["clicks"]) or "none")])
-             for name, c in part["per_class"].items() for pc in c["per_case"]]  # fmt: skip
-    dice_steps = ["Dice step 0", *[f"Dice click {s}" for s in range(1, steps)]]
-    case_header = ["case", "class", *dice_steps, "Dice AUC", "final NSD", "NSD AUC", "clicks"]
-    return (_table(header, body, "interactive") + f"<p>{num(part.get('seconds'), 1)} s; NSD at {num(part.get('nsd_tolerance_mm'), 1)} mm</p>"
-            + f"<details><summary>per case ({len(cases)} rows)</summary>{_table(case_header, cases, 'interactive-per-case')}</details>")  # fmt: skip
+def _extra_tables(part: dict) -> str:
+    """A part's per-group scores (ACDC conditions) and instance AP (Cityscapes), where it has them."""
+    out = [f"<h5>per {esc(k.removeprefix('by_'))}</h5>" + group_table(k, v) for k, v in part.items() if k.startswith("by_") and isinstance(v, dict)]
+    if isinstance(part.get("instances"), dict):
+        out.append("<h5>instances (Cityscapes instance-level AP)</h5>" + instance_table(part["instances"]))
+    return "".join(out)
 
 
 def _protocol_pairs(protocol: dict) -> list[tuple[str, str]]:
     """A protocol for a <dl>: nested keys flattened, lists (e.g. differences from a challenge) one line each."""
-    return _flatten({k: "; ".join(map(str, v)) if isinstance(v, list) else v for k, v in protocol.items()})
+    return flatten({k: "; ".join(map(str, v)) if isinstance(v, list) else v for k, v in protocol.items()})
 
 
 def run_section(i: int, run: Run, montage_html: str) -> str:
@@ -251,83 +139,83 @@ def run_section(i: int, run: Run, montage_html: str) -> str:
     m = run.metrics
     baseline = m.get("baseline") if isinstance(m.get("baseline"), dict) else None
     parts = [p for p in PARTS if p in m]
-    out = [f'<h2 id="run-{i}">Run {i}: {_e(run.name)}</h2>']
+    out = [f'<h2 id="run-{i}">Run {i}: {esc(run.name)}</h2>']
 
     best = m.get("best") or {}
-    overview = [("run folder", _e(run.folder.resolve())), ("metrics file", _e(run.metrics_file.name)),
-                ("task", _e(m.get("task", run.recipe.get("task", "?")))), ("model", _e(_model_name(run))),
-                ("evaluated checkpoint", _e(m.get("checkpoint", "—"))),
-                ("headline", f"{_e(_headline(run))}: mIoU {num(m.get('miou'))}, mDice {num(m.get('mdice'))}"
+    overview = [("run folder", esc(run.folder.resolve())), ("metrics file", esc(run.metrics_file.name)),
+                ("task", esc(m.get("task", run.recipe.get("task", "?")))), ("model", esc(_model_name(run))),
+                ("evaluated checkpoint", esc(m.get("checkpoint", "—"))),
+                ("headline", f"{esc(_headline(run))}: mIoU {num(m.get('miou'))}, mDice {num(m.get('mdice'))}"
                              + (f" (before fine-tuning {num(baseline.get('miou'))}, gain {num(m.get('miou_gain'))})" if baseline else ""))]  # fmt: skip
     if best:
-        overview.append(("best checkpoint", f"step {_e(best.get('step'))}, mIoU {num(best.get('miou'))}"))
+        overview.append(("best checkpoint", f"step {esc(best.get('step'))}, mIoU {num(best.get('miou'))}"))
     for key, label in (("step", "steps trained"), ("train_seconds", "training seconds"), ("device", "device"), ("processes", "processes")):
         if key in m:
-            overview.append((label, _e(m[key])))
-    out.append(f"<h3>{SECTIONS[0]}</h3>" + _dl(overview))
+            overview.append((label, esc(m[key])))
+    out.append(f"<h3>{SECTIONS[0]}</h3>" + dl(overview))
 
-    protocol = [f"<h4>{p}</h4>" + _dl(_flatten(m[p].get("protocol", {})) + [("accumulation", _e(m[p].get("accumulation", "—")))]) for p in parts]
+    protocol = [f"<h4>{p}</h4>" + dl(flatten(m[p].get("protocol", {})) + [("accumulation", esc(m[p].get("accumulation", "—")))]) for p in parts]
     if isinstance(m.get("interactive"), dict):
-        protocol.append("<h4>interactive</h4>" + _dl(_protocol_pairs(m["interactive"].get("protocol", {}))))
+        protocol.append("<h4>interactive</h4>" + dl(_protocol_pairs(m["interactive"].get("protocol", {}))))
     out.append(f"<h3>{SECTIONS[1]}</h3>" + "".join(protocol))
 
     if baseline is None:
-        tables = [_note("No 'baseline' in this metrics file (samtune evaluate scores one checkpoint): only the 'after' columns are shown.")]
+        tables = [note("No 'baseline' in this metrics file (samtune evaluate scores one checkpoint): only the 'after' columns are shown.")]
     else:
         tables = []
-    tables += [f"<h4>{p}</h4>" + per_class_table(p, m, (baseline or {}).get(p)) for p in parts]
+    tables += [f"<h4>{p}</h4>" + per_class_table(p, m, (baseline or {}).get(p)) + _extra_tables(m[p]) for p in parts]
     if isinstance(m.get("interactive"), dict):
         tables.append("<h4>interactive (eval.volume_mode: interactive, per case 3D)</h4>" + interactive_table(m["interactive"]))
     out.append(f"<h3>{SECTIONS[2]}</h3>" + "".join(tables))
 
-    charts = [_img(F.class_bars(p, m[p]["per_class"], (baseline or {}).get(p, {}).get("per_class")), f"{p}: per-class IoU and Dice") for p in parts]
+    charts = [img(F.class_bars(p, m[p]["per_class"], (baseline or {}).get(p, {}).get("per_class")), f"{p}: per-class IoU and Dice") for p in parts]
     out.append(f"<h3>{SECTIONS[3]}</h3>" + "".join(charts))
 
     history = m.get("history") or []
-    curves = _img(F.learning_curves(history, baseline), "learning curves") if history else _note("No 'history' in this metrics file: it was not written by training.")
+    curves = img(F.learning_curves(history, baseline), "learning curves") if history else note("No 'history' in this metrics file: it was not written by training.")
     out.append(f"<h3>{SECTIONS[4]}</h3>" + curves)
 
     by_round = (m.get("prompted") or {}).get("by_round")
     if by_round:
         corrective = m["prompted"].get("protocol", {}).get("corrective_rounds", len(by_round) - 1)
-        rounds = _img(F.rounds_curve(by_round, corrective), "mIoU and mDice by round")
+        rounds = img(F.rounds_curve(by_round, corrective), "mIoU and mDice by round")
         rows = [({}, [str(r["round"]), num(r["miou"]), num(r["mdice"])]) for r in by_round]
-        rounds += _table(["round (clicks added)", "mIoU", "mDice"], rows, "by-round")
+        rounds += table(["round (clicks added)", "mIoU", "mDice"], rows, "by-round")
     elif "prompted" in m:
-        rounds = _note("Only the first prompt was evaluated (prompts.corrective_rounds and mask_only_rounds are 0): no curve by round.")
+        rounds = note("Only the first prompt was evaluated (prompts.corrective_rounds and mask_only_rounds are 0): no curve by round.")
     else:
-        rounds = _note("This task has no prompted part: no curve by round.")
+        rounds = note("This task has no prompted part: no curve by round.")
     out.append(f"<h3>{SECTIONS[5]}</h3>" + rounds)
     out.append(f"<h3>{SECTIONS[6]}</h3>" + montage_html)
-    out.append(f"<h3>{SECTIONS[7]}</h3>" + (f'<pre class="recipe">{_e(run.recipe_text)}</pre>' if run.recipe_text else _note("No recipe.yaml in the run folder or its checkpoint.")))
+    out.append(f"<h3>{SECTIONS[7]}</h3>" + (f'<pre class="recipe">{esc(run.recipe_text)}</pre>' if run.recipe_text else note("No recipe.yaml in the run folder or its checkpoint.")))
 
     params = m.get("parameters") or {}
     total = params.get("total")
-    rows = [({}, [_e(k), num(v), f"{100 * v / total:.2f} %" if total else "—"]) for k, v in params.items() if isinstance(v, int)]
-    out.append(f"<h3>{SECTIONS[8]}</h3>" + (_table(["parameters", "count", "of total"], rows, "parameters") if rows else _note("No parameter counts in this metrics file.")))
+    rows = [({}, [esc(k), num(v), f"{100 * v / total:.2f} %" if total else "—"]) for k, v in params.items() if isinstance(v, int)]
+    out.append(f"<h3>{SECTIONS[8]}</h3>" + (table(["parameters", "count", "of total"], rows, "parameters") if rows else note("No parameter counts in this metrics file.")))
 
     skipped = m.get("skipped_cases") or []
-    rows = [({}, [_e(s.get("case", "")), _e(s.get("file", "")), _e(s.get("problem", ""))]) for s in skipped]
-    out.append(f"<h3>{SECTIONS[9]}</h3>" + (_table(["case", "file", "problem"], rows, "skipped") if rows else "<p>None: every case was read.</p>"))
+    rows = [({}, [esc(s.get("case", "")), esc(s.get("file", "")), esc(s.get("problem", ""))]) for s in skipped]
+    out.append(f"<h3>{SECTIONS[9]}</h3>" + (table(["case", "file", "problem"], rows, "skipped") if rows else "<p>None: every case was read.</p>"))
 
     below, stopped = m.get("below_baseline_at") or [], m.get("stopped_early")
-    guard = [("scored below the model before fine-tuning at steps", _e(", ".join(map(str, below)) or "none")),
-             ("stopped early", _e(", ".join(f"{k} {v}" for k, v in stopped.items()) if stopped else "no"))]  # fmt: skip
-    out.append(f"<h3>{SECTIONS[10]}</h3>" + (_note("The validation score fell below the model before fine-tuning.") if below else "") + _dl(guard))
+    guard = [("scored below the model before fine-tuning at steps", esc(", ".join(map(str, below)) or "none")),
+             ("stopped early", esc(", ".join(f"{k} {v}" for k, v in stopped.items()) if stopped else "no"))]  # fmt: skip
+    out.append(f"<h3>{SECTIONS[10]}</h3>" + (note("The validation score fell below the model before fine-tuning.") if below else "") + dl(guard))
     return "\n".join(out)
 
 
 def montage_section(run: Run, cases: int, max_samples: int, device: str, loaded=None, data=None) -> str:
     """The best and worst validation cases, or a visible note saying why there are none (never raises)."""
     if cases == 0:
-        return _note("No montage: --cases 0.")
+        return note("No montage: --cases 0.")
     try:
         return _montage(run, cases, max_samples, device, loaded, data)
     except SamtuneError as exc:
-        return _note(f"No montage: {exc}")
+        return note(f"No montage: {exc}")
     except Exception as exc:  # a report must still render its numbers; the cause goes to the log as well
         log.warning("report %s: the montage failed", run.name, exc_info=True)
-        return _note(f"No montage: predicting the cases failed ({type(exc).__name__}: {exc}).")
+        return note(f"No montage: predicting the cases failed ({type(exc).__name__}: {exc}).")
 
 
 def _montage(run: Run, cases: int, max_samples: int, device: str, loaded, data) -> str:
@@ -335,7 +223,7 @@ def _montage(run: Run, cases: int, max_samples: int, device: str, loaded, data) 
 
     if loaded is None:
         if run.checkpoint is None:
-            return _note(f"No montage: no checkpoint to predict with (no checkpoints/best or checkpoints/last in {run.folder}, "
+            return note(f"No montage: no checkpoint to predict with (no checkpoints/best or checkpoints/last in {run.folder}, "
                          f"and the checkpoint metrics.json names, {run.metrics.get('checkpoint', 'none')}, is not a folder).")  # fmt: skip
         from samtune.finetune.checkpoints import load_model
         from samtune.finetune.recipe import load_recipe
@@ -343,7 +231,7 @@ def _montage(run: Run, cases: int, max_samples: int, device: str, loaded, data) 
         recipe = load_recipe(run.checkpoint / "recipe.yaml")
         root = Path(recipe.data.root)
         if not root.exists():  # checked here: building the data would otherwise generate demo data (data.generate_demo)
-            return _note(f"No montage: data.root={recipe.data.root!r} of {run.checkpoint / 'recipe.yaml'} does not exist here "
+            return note(f"No montage: data.root={recipe.data.root!r} of {run.checkpoint / 'recipe.yaml'} does not exist here "
                          f"(resolved to {root.resolve()}); the validation data is needed to predict the cases.")  # fmt: skip
         loaded = load_model(run.checkpoint, recipe, device=device)
     if data is None:
@@ -356,7 +244,7 @@ def _montage(run: Run, cases: int, max_samples: int, device: str, loaded, data) 
     units = (F.score_prompted if prompted else F.score_semantic)(loaded, dataset, indices)
     best, worst = F.best_and_worst(units, cases)
     if not best:
-        return _note(f"No montage: none of the {len(indices)} scored validation samples has ground truth or a prediction to rank by.")
+        return note(f"No montage: none of the {len(indices)} scored validation samples has ground truth or a prediction to rank by.")
     source = dataset.source
     space = None if prompted else dataset.space
     kind = "case" if source.volumetric else ("prompted object" if prompted else "image")
@@ -366,26 +254,26 @@ def _montage(run: Run, cases: int, max_samples: int, device: str, loaded, data) 
     how = ("Left: the image with the first prompt (box yellow, clicks green/red; corrective clicks are not drawn); middle: the ground truth "
            "(red); right: the prediction (green) with the ground truth outlined." if prompted else
            "Left: the image; middle: the ground truth; right: the label map predicted with no prompt (classes in the legend's colours).")  # fmt: skip
-    text = (f"Predicted again with {_e(Path(loaded.checkpoint).resolve())}{f' (step {step})' if step is not None else ''} on {len(indices)} of the "
+    text = (f"Predicted again with {esc(Path(loaded.checkpoint).resolve())}{f' (step {step})' if step is not None else ''} on {len(indices)} of the "
             f"{len(dataset)} validation samples of the {'prompted' if prompted else 'semantic'} evaluation (evenly spread over the split, "
-            f"at most {max_samples}: samtune report --max-samples), {_count(len(units), kind)} ranked by mean Dice over their classes.{where} {how}")  # fmt: skip
+            f"at most {max_samples}: samtune report --max-samples), {count(len(units), kind)} ranked by mean Dice over their classes.{where} {how}")  # fmt: skip
     out = [f"<p>{text}</p>"]
     for label, chosen in (("best", best), ("worst", worst)):
         if chosen:
-            heading = f"{label} {_count(len(chosen), kind)}{' (worst first)' if label == 'worst' and len(chosen) > 1 else ''}"
+            heading = f"{label} {count(len(chosen), kind)}{' (worst first)' if label == 'worst' and len(chosen) > 1 else ''}"
             listed = ", ".join(f"{u.shown.title} (mean Dice {u.score:.3f})" for u in chosen)
-            out.append(f'<p class="caption"><b>{_e(heading.capitalize())}</b>: {_e(listed)}</p>')
-            out.append(_img(F.montage(chosen, heading, source, space), f"{label} cases"))
+            out.append(f'<p class="caption"><b>{esc(heading.capitalize())}</b>: {esc(listed)}</p>')
+            out.append(img(F.montage(chosen, heading, source, space), f"{label} cases"))
     return "".join(out)
 
 
 def render(runs: list[Run], montages: list[str]) -> str:
     title = f"samtune report: {', '.join(r.name for r in runs)}"
-    body = [f"<h1>{_e(title)}</h1>"]
+    body = [f"<h1>{esc(title)}</h1>"]
     if len(runs) > 1:
         body.append(comparison_table(runs))
     body += [run_section(i, run, montage) for i, (run, montage) in enumerate(zip(runs, montages), 1)]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")  # fmt: skip
 
 

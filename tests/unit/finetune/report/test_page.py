@@ -187,6 +187,32 @@ def test_comparison_table_with_two_runs(trained, tmp_path, stub_charts):
     assert "stopped early" in out.read_text() and "step 2, patience 1, best_step 2" in out.read_text()
 
 
+def test_instance_ap_and_per_condition_tables(trained, tmp_path, stub_charts):
+    """A part's ``instances`` (Cityscapes AP) and ``by_condition`` (ACDC) are tables of their own,
+    the instance protocol beside them."""
+    _, run = trained
+    other = tmp_path / "driving"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("states", "tensorboard", "report.html"))
+    metrics = json.loads((other / "metrics.json").read_text())
+    part = metrics["semantic"]
+    part["instances"] = {"ap": 0.25, "ap50": 0.5, "images": 3, "protocol": {"benchmark": "Cityscapes instance-level <test>"},
+                         "per_class": {"car": {"ap": 0.25, "ap50": 0.5, "instances": 7, "predictions": 4},
+                                       "rider": {"ap": math.nan, "ap50": math.nan, "instances": 0, "predictions": 0}}}  # fmt: skip
+    names = list(part["per_class"])
+    part["by_condition"] = {c: {"miou": m, "mdice": m + 0.1, "per_class": {n: {"iou": m} for n in names}} for c, m in (("fog", 0.3), ("night", 0.1))}
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "driving.html"
+    assert main(["-q", "report", str(other), "--out", str(out), "--cases", "0"]) == 0
+    parsed = Page(out.read_text())
+    rows = parsed.table("instances")["rows"]
+    assert [cells for _, cells in rows] == [["class", "AP", "AP50", "instances", "predictions"], ["car", "0.250", "0.500", "7", "4"],
+                                            ["rider", "—", "—", "0", "0"], ["mean", "0.250", "0.500", "", ""]]  # fmt: skip
+    assert "Cityscapes instance-level &lt;test&gt;" in out.read_text()  # the protocol, escaped
+    header, *groups = parsed.table("by-group")["rows"]
+    assert header[1][:3] == ["condition", "mIoU", "mDice"] and [a["data-condition"] for a, _ in groups] == ["fog", "night"]
+    assert groups[1][1][:4] == ["night", "0.100", "0.200", "0.100"]
+
+
 def test_missing_checkpoint_or_data_leaves_a_note_not_a_traceback(trained, tmp_path, capsys, stub_charts):
     _, run = trained
     no_ckpt = tmp_path / "no_ckpt"
