@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from transformers import Sam2Config
 
-from samtune.adapters.checkpoint_files import CheckpointError, load_exactly, load_state_dict_file
+from samtune.adapters.checkpoint_files import CheckpointError, load_part, load_state_dict_file
 from samtune.adapters.family import CLASS_PROMPTS
 from samtune.adapters.sam2_checkpoints import is_video_only_hf, official_to_hf
 from samtune.adapters.sam2_config import EMBEDDING_STRIDE
@@ -57,34 +57,41 @@ def sam2_video_config(config: Sam2Config, official: Mapping[str, torch.Tensor] |
     )  # fmt: skip
 
 
+# the modules (and the one parameter) Sam2VideoModel shares with Sam2Model, by name
+IMAGE_MODULES = ("shared_image_embedding", "vision_encoder", "prompt_encoder", "mask_decoder", "no_memory_embedding")
+
+
 def video_model_from(image_model, official=None):
     """SAM 2's video tracker (``transformers.Sam2VideoModel``, memory propagation across frames or
-    slices) with an image model's weights (LoRA merged first, class prompts left out), eval mode.
+    slices) around an image model (LoRA merged first, class prompts left out), eval mode.
 
-    The two classes share every image-model module name, so the image weights load as they are; the
-    memory modules come from ``official`` (the official checkpoint the image model was fine-tuned
-    from: path or state dict, converted by ``official_to_hf(video=True)``). ``official=None`` leaves
-    them at random init (tests, ``sam2-tiny-random``)."""
+    Its image modules *are* the image model's (shared, not copied), so whatever prediction arranged
+    in them holds in the tracker too: channels-last weights, and ``--precision int8``'s quantised
+    encoder, which a state-dict copy into a float model could not take. The memory modules come from
+    ``official`` (the official checkpoint the image model was fine-tuned from: path or state dict,
+    converted by ``official_to_hf(video=True)``); ``official=None`` leaves them at random init
+    (tests, ``sam2-tiny-random``)."""
     from transformers import Sam2VideoModel
 
     from samtune.adapters.export import merge_model
 
     image = merge_model(image_model)
-    state = {k: v for k, v in image.state_dict().items() if not k.startswith(CLASS_PROMPTS + ".")}
     source = None
     if official is not None and not isinstance(official, Mapping):
         source, official = str(official), load_state_dict_file(official)
-    config = sam2_video_config(image.config, official)
-    model = Sam2VideoModel(config)  # on the CPU: its rotary tables are buffers that no state dict holds
-    if official is None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(not is_video_only_hf(k) for k in missing):
-            raise CheckpointError(f"the image model does not fit Sam2VideoModel: missing {missing[:10]}, unexpected {unexpected[:10]}")
-        return model.eval()
-    converted, _, unknown = official_to_hf(official, video=True)
-    weights = {**state, **{k: v for k, v in converted.items() if is_video_only_hf(k)}}
-    load_exactly(model, weights, source or "<state dict>", "the SAM 2 video model (its memory modules)",
-                 "Use the official SAM 2 / MedSAM2 file the image model comes from.", unknown=unknown, assign=False)  # fmt: skip
+    model = Sam2VideoModel(sam2_video_config(image.config, official))  # on the CPU: its rotary tables are buffers that no state dict holds
+    extra = {k.split(".")[0] for k in image.state_dict()} - {*IMAGE_MODULES, CLASS_PROMPTS}
+    if extra:
+        raise CheckpointError(f"the image model has modules Sam2VideoModel has no place for: {sorted(extra)}")
+    if official is not None:
+        converted, _, unknown = official_to_hf(official, video=True)
+        if unknown:
+            raise CheckpointError(f"{source or '<state dict>'}: keys no SAM 2 conversion knows: {sorted(unknown)[:10]}. "
+                                  "Use the official SAM 2 / MedSAM2 file the image model comes from.")  # fmt: skip
+        memory = {k: v for k, v in converted.items() if is_video_only_hf(k)}
+        load_part(model, memory, is_video_only_hf, f"the SAM 2 video model ({source or '<state dict>'})")
+    for name in IMAGE_MODULES:
+        setattr(model, name, getattr(image, name))
     return model.eval()
 
 

@@ -70,6 +70,21 @@ def sam2():
     return build_model("sam2-tiny-random", image_size=64), family_of("sam2-tiny-random")
 
 
+def test_memory_propagation_runs_on_the_int8_encoder_it_shares(sam2):
+    """``samtune predict --precision int8``: the tracker's image modules are the quantised model's
+    own (not a float copy, which could not take int8 weights)."""
+    from samtune.finetune.runtime import inference_model
+
+    model, family = sam2
+    ready = inference_model(model, family, "int8")
+    tracker, way = make_propagator("memory", ready, family, get_variant("sam2-tiny-random"), None, family.make_transform(64), torch.device("cpu"))
+    assert way == "memory" and tracker.video_model.vision_encoder is ready.vision_encoder
+    assert any(type(m).__name__ == "Linear" and "quantized" in type(m).__module__ for m in tracker.video_model.vision_encoder.modules())
+    slices = np.random.default_rng(0).integers(0, 255, (4, 48, 40), dtype=np.uint8)
+    volume = tracker(lambda z: slices[z], 4, SlicePrompt(1, box=np.array([8.0, 10, 30, 40])))
+    assert volume.shape == (4, 48, 40) and volume.dtype == bool
+
+
 def test_memory_tracker_segments_every_slice_outwards_from_the_prompted_one(sam2):
     model, family = sam2
     propagate, way = make_propagator("auto", model, family, get_variant("sam2-tiny-random"), None, family.make_transform(64), torch.device("cpu"))
