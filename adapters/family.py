@@ -104,6 +104,30 @@ def dense_prompt(prompt_encoder, mask_inputs: torch.Tensor | None, n: int, grid_
     return prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *grid_hw)
 
 
+def decode_with_class_tokens(decode: Callable, model, embeddings: "ImageEmbeddings", class_tokens: torch.Tensor, boxes=None, points=None,
+                             point_labels=None, mask_inputs=None, multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A class prompt with clicks (a correction, ``decode_prompts(class_tokens=...)``) through a
+    SAM-style mask decoder: sparse = clicks (and box) + the class tokens, dense = the mask prompt.
+    ``decode(model, embeddings, sparse, dense, multimask_output)`` -> (N×P×M×s×s, N×P×M), the
+    family's own decoder call; returns the one prompt row, N×M×s×s and N×M."""
+    image = embeddings.image_embeddings
+    sparse = sparse_with_class_tokens(model.prompt_encoder, class_tokens, len(image), boxes, points, point_labels)
+    dense = dense_prompt(model.prompt_encoder, mask_inputs, len(image), image.shape[-2:])
+    low_res, iou = decode(model, embeddings, sparse.to(image.dtype), dense, multimask_output)
+    return low_res[:, 0], iou[:, 0]
+
+
+def decode_class_masks(decode: Callable, model, embeddings: "ImageEmbeddings", class_tokens: torch.Tensor) -> torch.Tensor:
+    """K class prompts (K×T×C) on B images through a SAM-style mask decoder -> B×K×s×s logits: the
+    decoder's point-batch axis carries the classes (as SamModel.forward runs K boxes on one image),
+    the class tokens sit where a box's corner embeddings would, no mask prompt (``no_mask_embed``)."""
+    image = embeddings.image_embeddings
+    batch = image.shape[0]
+    sparse = class_tokens.to(image.dtype)[None].expand(batch, -1, -1, -1)  # B×K×T×C
+    dense = dense_prompt(model.prompt_encoder, None, batch, image.shape[-2:])
+    return decode(model, embeddings, sparse, dense, False)[0][:, :, 0]
+
+
 def check_text_init(family: "ModelFamily") -> None:
     """``automatic.init: text`` needs a family with a text encoder; the error names those that have one."""
     if not family.has_text_encoder:

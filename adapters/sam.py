@@ -20,7 +20,7 @@ import torch
 from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
 from samtune.adapters.catalog import ModelVariant, register_family, register_model
-from samtune.adapters.family import ImageEmbeddings, ModelFamily, dense_prompt, sparse_with_class_tokens
+from samtune.adapters.family import ImageEmbeddings, ModelFamily, decode_class_masks, decode_with_class_tokens
 from samtune.errors import SamtuneError
 
 _DECODER_ATTENTION = (
@@ -99,11 +99,7 @@ class SamFamily(ModelFamily):
     def decode_prompts(self, model, embeddings, boxes=None, points=None, point_labels=None, mask_inputs=None, multimask_output=False,
                        class_tokens=None):  # fmt: skip
         if class_tokens is not None:  # a class prompt with clicks: sparse prompt built here, then the decoder
-            image = embeddings.image_embeddings
-            sparse = sparse_with_class_tokens(model.prompt_encoder, class_tokens, len(image), boxes, points, point_labels)
-            dense = dense_prompt(model.prompt_encoder, mask_inputs, len(image), image.shape[-2:])
-            low_res, iou = self._decode(model, image, sparse.to(image.dtype), dense, multimask_output)
-            return low_res[:, 0], iou[:, 0]
+            return decode_with_class_tokens(self._decode, model, embeddings, class_tokens, boxes, points, point_labels, mask_inputs, multimask_output)
         has_points = points is not None and points.shape[1] > 0
         out = model(
             image_embeddings=embeddings.image_embeddings,
@@ -119,17 +115,12 @@ class SamFamily(ModelFamily):
         return _sam_config(model).prompt_encoder_config.hidden_size
 
     def decode_classes(self, model, embeddings, class_tokens):
-        # The decoder's "point batch" axis carries the classes: one image embedding, K prompts,
-        # as SamModel.forward would run K boxes on one image; no mask prompt (no_mask_embed).
-        image = embeddings.image_embeddings
-        batch = image.shape[0]
-        sparse = class_tokens.to(image.dtype)[None].expand(batch, -1, -1, -1)  # B×K×T×C
-        dense = dense_prompt(model.prompt_encoder, None, batch, image.shape[-2:])
-        return self._decode(model, image, sparse, dense, False)[0][:, :, 0]  # B×K×s×s
+        return decode_class_masks(self._decode, model, embeddings, class_tokens)  # B×K×s×s
 
     @staticmethod
-    def _decode(model, image, sparse, dense, multimask_output):
-        """B×C×g×g embeddings, B×P×T×C sparse and B×C×g×g dense prompts -> B×P×M×s×s, B×P×M."""
+    def _decode(model, embeddings, sparse, dense, multimask_output):
+        """B×P×T×C sparse and B×C×g×g dense prompts on ``embeddings`` -> B×P×M×s×s, B×P×M."""
+        image = embeddings.image_embeddings
         positions = model.get_image_wide_positional_embeddings().repeat(image.shape[0], 1, 1, 1)
         low_res, iou = model.mask_decoder(
             image_embeddings=image, image_positional_embeddings=positions,

@@ -73,7 +73,7 @@ from transformers import Sam2Config, Sam2Model
 
 from samtune.adapters.checkpoint_files import CheckpointError
 from samtune.adapters.catalog import ModelVariant, register_family, register_model
-from samtune.adapters.family import ImageEmbeddings, ModelFamily, dense_prompt, sparse_with_class_tokens
+from samtune.adapters.family import ImageEmbeddings, ModelFamily, decode_class_masks, decode_with_class_tokens
 from samtune.adapters.sam2_checkpoints import load_official_sam2
 from samtune.adapters.sam2_config import (
     HIERA,
@@ -227,11 +227,7 @@ class Sam2Family(ModelFamily):
     def decode_prompts(self, model, embeddings, boxes=None, points=None, point_labels=None, mask_inputs=None, multimask_output=False,
                        class_tokens=None):  # fmt: skip
         if class_tokens is not None:  # a class prompt with clicks: sparse prompt built here, then the decoder
-            image = embeddings.image_embeddings
-            sparse = sparse_with_class_tokens(model.prompt_encoder, class_tokens, len(image), boxes, points, point_labels)
-            dense = dense_prompt(model.prompt_encoder, mask_inputs, len(image), image.shape[-2:])
-            low_res, iou = self._decode(model, embeddings, sparse.to(image.dtype), dense, multimask_output)
-            return low_res[:, 0], iou[:, 0]
+            return decode_with_class_tokens(self._decode, model, embeddings, class_tokens, boxes, points, point_labels, mask_inputs, multimask_output)
         has_points = points is not None and points.shape[1] > 0
         out = model(
             image_embeddings=[*embeddings.high_res_features, embeddings.image_embeddings],
@@ -247,13 +243,7 @@ class Sam2Family(ModelFamily):
         return _sam2_config(model).prompt_encoder_config.hidden_size
 
     def decode_classes(self, model, embeddings, class_tokens):
-        # As SamFamily: the decoder's point-batch axis carries the K classes of each image, the
-        # class tokens sit where a box's corner embeddings would; no mask prompt (no_mask_embed).
-        image = embeddings.image_embeddings
-        batch = image.shape[0]
-        sparse = class_tokens.to(image.dtype)[None].expand(batch, -1, -1, -1)  # B×K×T×C
-        dense = dense_prompt(model.prompt_encoder, None, batch, image.shape[-2:])
-        return self._decode(model, embeddings, sparse, dense, False)[0][:, :, 0]  # B×K×s×s
+        return decode_class_masks(self._decode, model, embeddings, class_tokens)  # B×K×s×s
 
     @staticmethod
     def _decode(model, embeddings, sparse, dense, multimask_output):

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from samtune.adapters.catalog import ModelVariant, register_family, register_model
 from samtune.adapters.checkpoint_files import load_state_dict_file
-from samtune.adapters.family import CLASS_PROMPTS, ImageEmbeddings, ModelFamily, dense_prompt, sparse_with_class_tokens
+from samtune.adapters.family import CLASS_PROMPTS, ImageEmbeddings, ModelFamily, decode_with_class_tokens
 from samtune.adapters.sam2 import SquareResizeTransform
 from samtune.adapters.sam3_checkpoints import official_to_released
 from samtune.adapters.sam3_config import ByteTokenizer, last_tokens, make_tiny_sam3_config, name_features
@@ -166,10 +166,7 @@ class Sam3Family(ModelFamily):
                 logits, presence = _detect(model, embeddings, tokens.to(image.dtype))
                 return logits[:, None], torch.sigmoid(presence)
             projected = model.detector.class_projection(tokens.to(image.dtype))
-            sparse = sparse_with_class_tokens(model.prompt_encoder, projected, n, boxes, points, point_labels)
-            dense = dense_prompt(model.prompt_encoder, mask_inputs, n, image.shape[-2:])
-            low_res, iou = _decode(model, embeddings, sparse.to(image.dtype), dense, multimask_output)
-            return low_res[:, 0], iou[:, 0]
+            return decode_with_class_tokens(_decode, model, embeddings, projected, boxes, points, point_labels, mask_inputs, multimask_output)
         if not has_points and boxes is None:  # Sam3TrackerModel's empty prompt: one padding point
             points, point_labels, has_points = image.new_zeros(n, 1, 2), torch.full((n, 1), -1, device=image.device), True
         sparse, dense = model.prompt_encoder(
