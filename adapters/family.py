@@ -117,17 +117,6 @@ def decode_with_class_tokens(decode: Callable, model, embeddings: "ImageEmbeddin
     return low_res[:, 0], iou[:, 0]
 
 
-def decode_class_masks(decode: Callable, model, embeddings: "ImageEmbeddings", class_tokens: torch.Tensor) -> torch.Tensor:
-    """K class prompts (K×T×C) on B images through a SAM-style mask decoder -> B×K×s×s logits: the
-    decoder's point-batch axis carries the classes (as SamModel.forward runs K boxes on one image),
-    the class tokens sit where a box's corner embeddings would, no mask prompt (``no_mask_embed``)."""
-    image = embeddings.image_embeddings
-    batch = image.shape[0]
-    sparse = class_tokens.to(image.dtype)[None].expand(batch, -1, -1, -1)  # B×K×T×C
-    dense = dense_prompt(model.prompt_encoder, None, batch, image.shape[-2:])
-    return decode(model, embeddings, sparse, dense, False)[0][:, :, 0]
-
-
 def check_text_init(family: "ModelFamily") -> None:
     """``automatic.init: text`` needs a family with a text encoder; the error names those that have one."""
     if not family.has_text_encoder:
@@ -307,3 +296,45 @@ class ModelFamily(ABC):
             return "image_encoder"
         return "prompt_encoder"
 
+
+
+class PromptTokenFamily(ModelFamily):
+    """Families whose model is called as transformers' ``SamModel`` / ``Sam2Model`` are (image
+    embeddings + boxes, points, mask) and whose mask decoder takes sparse prompt tokens: SAM,
+    MobileSAM, SAM 2, EdgeTAM. Class prompts are sparse tokens of that decoder; a subclass says
+    what its forward takes as image embeddings and how its mask decoder is called."""
+
+    @staticmethod
+    @abstractmethod
+    def _forward_embeddings(embeddings: ImageEmbeddings):
+        """What the model's forward takes as ``image_embeddings``."""
+
+    @staticmethod
+    @abstractmethod
+    def _decode(model, embeddings: ImageEmbeddings, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool):
+        """B×P×T×C sparse and B×C×g×g dense prompts on ``embeddings`` -> (B×P×M×s×s, B×P×M)."""
+
+    def decode_prompts(self, model, embeddings, boxes=None, points=None, point_labels=None, mask_inputs=None, multimask_output=False,
+                       class_tokens=None):  # fmt: skip
+        if class_tokens is not None:  # a class prompt with clicks: sparse prompt built here, then the decoder
+            return decode_with_class_tokens(self._decode, model, embeddings, class_tokens, boxes, points, point_labels, mask_inputs, multimask_output)
+        has_points = points is not None and points.shape[1] > 0
+        out = model(
+            image_embeddings=self._forward_embeddings(embeddings),
+            input_boxes=boxes[:, None] if boxes is not None else None,  # one prompt per embedding row
+            input_points=points[:, None] if has_points else None,
+            input_labels=point_labels[:, None] if has_points else None,
+            input_masks=mask_inputs,
+            multimask_output=multimask_output,
+        )
+        return out.pred_masks[:, 0], out.iou_scores[:, 0]
+
+    def decode_classes(self, model, embeddings, class_tokens):
+        """B×K×s×s: the decoder's point-batch axis carries the K classes of each image (as SamModel.forward
+        runs K boxes on one image), the class tokens where a box's corner embeddings would be, no mask
+        prompt (``no_mask_embed``)."""
+        image = embeddings.image_embeddings
+        batch = image.shape[0]
+        sparse = class_tokens.to(image.dtype)[None].expand(batch, -1, -1, -1)  # B×K×T×C
+        dense = dense_prompt(model.prompt_encoder, None, batch, image.shape[-2:])
+        return self._decode(model, embeddings, sparse, dense, False)[0][:, :, 0]

@@ -20,7 +20,7 @@ import torch
 from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
 from samtune.adapters.catalog import ModelVariant, register_family, register_model
-from samtune.adapters.family import ImageEmbeddings, ModelFamily, decode_class_masks, decode_with_class_tokens
+from samtune.adapters.family import ImageEmbeddings, PromptTokenFamily
 from samtune.errors import SamtuneError
 
 _DECODER_ATTENTION = (
@@ -31,7 +31,7 @@ _ENCODER_BLOCK = r"vision_encoder\.layers\.\d+\."
 
 
 @register_family
-class SamFamily(ModelFamily):
+class SamFamily(PromptTokenFamily):
     name = "sam"
     image_encoder = "vision_encoder"
     mask_decoder = "mask_decoder"
@@ -96,26 +96,12 @@ class SamFamily(ModelFamily):
     def encode_images(self, model, pixel_values: torch.Tensor) -> ImageEmbeddings:
         return ImageEmbeddings(model.vision_encoder(pixel_values)[0])
 
-    def decode_prompts(self, model, embeddings, boxes=None, points=None, point_labels=None, mask_inputs=None, multimask_output=False,
-                       class_tokens=None):  # fmt: skip
-        if class_tokens is not None:  # a class prompt with clicks: sparse prompt built here, then the decoder
-            return decode_with_class_tokens(self._decode, model, embeddings, class_tokens, boxes, points, point_labels, mask_inputs, multimask_output)
-        has_points = points is not None and points.shape[1] > 0
-        out = model(
-            image_embeddings=embeddings.image_embeddings,
-            input_boxes=boxes[:, None] if boxes is not None else None,  # one box per image row
-            input_points=points[:, None] if has_points else None,
-            input_labels=point_labels[:, None] if has_points else None,
-            input_masks=mask_inputs,
-            multimask_output=multimask_output,
-        )
-        return out.pred_masks[:, 0], out.iou_scores[:, 0]
+    @staticmethod
+    def _forward_embeddings(embeddings):
+        return embeddings.image_embeddings
 
     def prompt_dim(self, model) -> int:
         return _sam_config(model).prompt_encoder_config.hidden_size
-
-    def decode_classes(self, model, embeddings, class_tokens):
-        return decode_class_masks(self._decode, model, embeddings, class_tokens)  # B×K×s×s
 
     @staticmethod
     def _decode(model, embeddings, sparse, dense, multimask_output):

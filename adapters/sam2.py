@@ -73,7 +73,7 @@ from transformers import Sam2Config, Sam2Model
 
 from samtune.adapters.checkpoint_files import CheckpointError
 from samtune.adapters.catalog import ModelVariant, register_family, register_model
-from samtune.adapters.family import ImageEmbeddings, ModelFamily, decode_class_masks, decode_with_class_tokens
+from samtune.adapters.family import ImageEmbeddings, PromptTokenFamily
 from samtune.adapters.sam2_checkpoints import load_official_sam2
 from samtune.adapters.sam2_config import (
     HIERA,
@@ -137,7 +137,7 @@ _DECODER_ATTENTION = (
 
 
 @register_family
-class Sam2Family(ModelFamily):
+class Sam2Family(PromptTokenFamily):
     """SAM 2's image model. LoRA roles name the Linear layers of the Hiera blocks (the fused
     ``attn.qkv``, ``attn.proj``, ``mlp.proj_in/out``; the ``proj`` skip projection of a stage's
     first block is no role) and the two-way transformer's q/k/v/o projections.
@@ -224,26 +224,12 @@ class Sam2Family(ModelFamily):
         image = fpn[2] + model.no_memory_embedding.reshape(1, -1, 1, 1)
         return ImageEmbeddings(image, (decoder.conv_s0(fpn[0]), decoder.conv_s1(fpn[1])))
 
-    def decode_prompts(self, model, embeddings, boxes=None, points=None, point_labels=None, mask_inputs=None, multimask_output=False,
-                       class_tokens=None):  # fmt: skip
-        if class_tokens is not None:  # a class prompt with clicks: sparse prompt built here, then the decoder
-            return decode_with_class_tokens(self._decode, model, embeddings, class_tokens, boxes, points, point_labels, mask_inputs, multimask_output)
-        has_points = points is not None and points.shape[1] > 0
-        out = model(
-            image_embeddings=[*embeddings.high_res_features, embeddings.image_embeddings],
-            input_boxes=boxes[:, None] if boxes is not None else None,  # one prompt per embedding row
-            input_points=points[:, None] if has_points else None,
-            input_labels=point_labels[:, None] if has_points else None,
-            input_masks=mask_inputs,
-            multimask_output=multimask_output,
-        )
-        return out.pred_masks[:, 0], out.iou_scores[:, 0]
+    @staticmethod
+    def _forward_embeddings(embeddings):
+        return [*embeddings.high_res_features, embeddings.image_embeddings]
 
     def prompt_dim(self, model) -> int:
         return _sam2_config(model).prompt_encoder_config.hidden_size
-
-    def decode_classes(self, model, embeddings, class_tokens):
-        return decode_class_masks(self._decode, model, embeddings, class_tokens)  # B×K×s×s
 
     @staticmethod
     def _decode(model, embeddings, sparse, dense, multimask_output):
