@@ -91,28 +91,26 @@ class EdgeTamFamily(Sam2Family):
     encoder_block = re.compile(_ENCODER + r"stages_(\d+)\.blocks\.(\d+)\.")
     export_formats = ("hf",)
 
-    def build(self, variant: ModelVariant, checkpoint: str | None, image_size: int, init_seed: int) -> EdgeTamModel:
-        if checkpoint is None and variant.make_config is not None:
-            with torch.random.fork_rng():
-                torch.manual_seed(init_seed)
-                model = EdgeTamModel(variant.make_config(image_size))
-                init_random(model)
-            single_mask_token_only(model)
-            return model
-        config = self._config_of(variant, image_size)
-        source = checkpoint if checkpoint is not None else variant.hub_id
-        if source is None:
-            raise SamtuneError(f"model.name={variant.name!r} has no download: set model.checkpoint ({OFFICIAL_FILE}, or a transformers EdgeTAM folder).")
-        path = Path(source)
-        if path.suffix in {".pt", ".pth", ".bin", ".safetensors"}:
-            if not path.is_file():
-                raise CheckpointError(f"model.checkpoint={source!r}: no such file; check the path (relative paths are relative to the current "
-                                      f"directory) or download {OFFICIAL_FILE} first.")  # fmt: skip
-            return load_official_edgetam(path, config, variant.name)
-        if path.is_file():
-            raise SamtuneError(f"model.checkpoint={source!r} is not the official edgetam.pt or a Hugging Face model folder; point it at "
-                               "edgetam.pt or a folder with config.json and model.safetensors.")  # fmt: skip
-        return load_folder(local_folder(source, variant.name), image_size)
+    display_name = "EdgeTAM"  # build() is Sam2Family's, through these hooks
+
+    @staticmethod
+    def _random_model(config) -> EdgeTamModel:
+        model = EdgeTamModel(config)
+        init_random(model)
+        single_mask_token_only(model)
+        return model
+
+    @staticmethod
+    def _official_file(variant: ModelVariant) -> str:
+        return OFFICIAL_FILE
+
+    @staticmethod
+    def _load_official(path: Path, config, name: str) -> EdgeTamModel:
+        return load_official_edgetam(path, config, name)
+
+    @staticmethod
+    def _load_folder(source: str, name: str, path: Path, image_size: int) -> EdgeTamModel:
+        return load_folder(local_folder(source, name), image_size)
 
     @staticmethod
     def _config_of(variant: ModelVariant, image_size: int) -> EdgeTamConfig:

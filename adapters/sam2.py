@@ -160,31 +160,48 @@ class Sam2Family(PromptTokenFamily):
     export_formats = ("hf",)
 
     def build(self, variant: ModelVariant, checkpoint: str | None, image_size: int, init_seed: int) -> Sam2Model:
+        """A random variant at random init (seeded), else the official file (``*.pt``), a
+        transformers folder or a hub id; what differs between SAM 2 and EdgeTAM are the hooks below."""
         if checkpoint is None and variant.make_config is not None:
             with torch.random.fork_rng():
                 torch.manual_seed(init_seed)
-                model = Sam2Model(variant.make_config(image_size))
-                _init_random(model)
-            single_mask_token_only(model)
-            return model
+                return self._random_model(variant.make_config(image_size))
         config = self._config_of(variant, image_size)
-        source = checkpoint if checkpoint is not None else variant.hub_id
+        source, official = checkpoint if checkpoint is not None else variant.hub_id, self._official_file(variant)
         if source is None:
-            raise SamtuneError(
-                f"model.name={variant.name!r} has no download: set model.checkpoint to its official weights file "
-                f"({_OFFICIAL_FILES.get(variant.name, 'the .pt file')})."
-            )
+            raise SamtuneError(f"model.name={variant.name!r} has no download: set model.checkpoint to its official weights file ({official}), "
+                               f"or a transformers {self.display_name} folder.")  # fmt: skip
         path = Path(source)
         if path.suffix in {".pt", ".pth", ".bin", ".safetensors"}:
             if not path.is_file():
-                raise CheckpointError(f"model.checkpoint={source!r}: no such file; check the path (relative paths are relative to the current directory) or download {_OFFICIAL_FILES.get(variant.name, 'the checkpoint')} first.")
-            return load_official_sam2(path, config, variant.name)
+                raise CheckpointError(f"model.checkpoint={source!r}: no such file; check the path (relative paths are relative to the current "
+                                      f"directory) or download {official} first.")  # fmt: skip
+            return self._load_official(path, config, variant.name)
         if path.is_file():
-            raise SamtuneError(
-                f"model.checkpoint={source!r} is not an official SAM 2 .pt file or a Hugging Face model folder; "
-                "point it at e.g. sam2.1_hiera_tiny.pt or a folder with config.json and model.safetensors."
-            )
-        return _load_hf(source, variant.name, path, image_size)  # a folder, or a hub id (facebook/sam2.1-hiera-tiny has a "suffix")
+            raise SamtuneError(f"model.checkpoint={source!r} is not an official {self.display_name} file or a Hugging Face model folder; "
+                               f"point it at {official} or a folder with config.json and model.safetensors.")  # fmt: skip
+        return self._load_folder(source, variant.name, path, image_size)  # a folder, or a hub id (facebook/sam2.1-hiera-tiny has a "suffix")
+
+    display_name = "SAM 2"
+
+    @staticmethod
+    def _random_model(config) -> Sam2Model:
+        model = Sam2Model(config)
+        _init_random(model)
+        single_mask_token_only(model)
+        return model
+
+    @staticmethod
+    def _official_file(variant: ModelVariant) -> str:
+        return _OFFICIAL_FILES.get(variant.name, "the official .pt file (e.g. sam2.1_hiera_tiny.pt)")
+
+    @staticmethod
+    def _load_official(path: Path, config, name: str) -> Sam2Model:
+        return load_official_sam2(path, config, name)
+
+    @staticmethod
+    def _load_folder(source: str, name: str, path: Path, image_size: int) -> Sam2Model:
+        return _load_hf(source, name, path, image_size)
 
     def video_model(self, model, variant: ModelVariant, checkpoint: str | None):
         """Memory modules from the official file (``model.checkpoint: *.pt``), from a Hugging Face
