@@ -1,8 +1,8 @@
 """Prompted samples for SAM from any source of 2D images with label maps.
 
 Training: one sample = one image with ``per_image`` objects drawn from the objects it holds
-(classes, or connected components of classes), fresh augmentation and prompt jitter on every
-access. Evaluation: one sample per (image, object), prompts seeded by the sample index, so every
+(``prompts.per``: classes, connected components of classes, or annotated instances, each of at
+least ``data.min_pixels``), fresh augmentation and prompt jitter on every access. Evaluation: one sample per (image, object), prompts seeded by the sample index, so every
 evaluation (before and after fine-tuning, and ``samtune evaluate``) sees the same prompts.
 """
 
