@@ -11,11 +11,8 @@ single-channel PNG the size of its image, holding labelIds 0..33 (trainIds files
 anything else is a ``BadCase`` (an error, or left out with ``data.on_bad_case: skip``). The
 per-class pixel counts are kept, so ``slice_classes`` never reads a label again.
 
-Instances (``prompts.per: instance``, instance AP): ``*_gtFine_instanceIds.png`` beside each label,
-read as cityscapesScripts' json2instanceImg writes it: a 16-bit PNG holding labelId × 1000 + n for
-the n-th object (from 0) of the thing classes (person, rider, car, truck, bus, train, motorcycle,
-bicycle; also caravan and trailer, which have no trainId), and the plain labelId elsewhere, crowd
-("group") regions of thing classes included. Only read where instances are asked for.
+Instances (``prompts.per: instance``, instance AP): ``*_gtFine_instanceIds.png`` beside each label
+(``cityscapes_instances.py``). The label table itself: ``cityscapes_labels.py``.
 
 ``TrainIdSource`` holds all of that for any list of image/label pairs; ``CityscapesSource`` only
 finds Cityscapes' pairs, and the other layouts in this class space (``bdd100k.py``, ``acdc.py``)
@@ -40,58 +37,18 @@ from samtune.constants import IGNORE_INDEX
 from samtune.datasets.checks import BadCase, handle_bad
 from samtune.datasets.formats import DataSectionBase, DemoKeys, register_format, register_images
 from samtune.datasets.source import DataSplit, LabelSpace, SliceSource
-# trainId -> (name, labelId), from the official Cityscapes label table.
-TRAIN_CLASSES: tuple[tuple[str, int], ...] = (
-    ("road", 7), ("sidewalk", 8), ("building", 11), ("wall", 12), ("fence", 13), ("pole", 17),
-    ("traffic light", 19), ("traffic sign", 20), ("vegetation", 21), ("terrain", 22), ("sky", 23),
-    ("person", 24), ("rider", 25), ("car", 26), ("truck", 27), ("bus", 28), ("train", 31),
-    ("motorcycle", 32), ("bicycle", 33),
-)  # fmt: skip
-CLASS_NAMES = {train_id: name for train_id, (name, _) in enumerate(TRAIN_CLASSES)}
-# the class space of every Cityscapes-style kind (cityscapes, bdd100k, acdc), as the protocol names it
-CLASS_SPACE = "Cityscapes 19 trainIds (labelIds mapped by the official table), 255 ignored"
+from samtune.datasets.cityscapes_instances import InstanceIdsMixin
+from samtune.datasets.cityscapes_labels import (
+    CLASS_NAMES,
+    CLASS_SPACE,
+    LABEL_TO_TRAIN,
+    TRAIN_CLASSES,
+    cityscapes_label_space,
+    map_label_ids,
+    prediction_name,
+)
 
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)  # OpenCV >= 4.11 decodes straight to RGB
-
-LABEL_TO_TRAIN = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-for _train_id, (_, _label_id) in enumerate(TRAIN_CLASSES):
-    LABEL_TO_TRAIN[_label_id] = _train_id
-
-
-def cityscapes_label_space(class_ids: list[int]) -> LabelSpace:
-    """trainIds as classes; a pixel no class claims is void (trainId 255, labelId 0 'unlabeled')."""
-    return LabelSpace(list(class_ids), [CLASS_NAMES[i] for i in class_ids], IGNORE_INDEX, [TRAIN_CLASSES[i][1] for i in class_ids], 0)
-
-
-def map_label_ids(label_ids: np.ndarray) -> np.ndarray:
-    """H×W labelIds (uint8) -> H×W trainIds, 255 for every id outside the 19 classes."""
-    if label_ids.dtype == np.uint8 and label_ids.ndim == 2:
-        return cv2.LUT(label_ids, LABEL_TO_TRAIN)  # same table, ~4x faster than fancy indexing
-    return LABEL_TO_TRAIN[label_ids]
-
-
-TRAIN_TO_LABEL = np.zeros(256, dtype=np.uint8)  # trainId -> labelId; everything else -> 0 "unlabeled"
-for _train_id, (_, _label_id) in enumerate(TRAIN_CLASSES):
-    TRAIN_TO_LABEL[_train_id] = _label_id
-
-
-def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
-    """H×W trainIds -> H×W uint8 labelIds, what the official evaluator reads; 255 and any id outside
-    0..18 become labelId 0 ("unlabeled", a void id: on a class pixel it counts as a miss)."""
-    if train_ids.dtype == np.uint8 and train_ids.ndim == 2:
-        return cv2.LUT(train_ids, TRAIN_TO_LABEL)
-    inside = (train_ids >= 0) & (train_ids < len(TRAIN_TO_LABEL))
-    return TRAIN_TO_LABEL[np.where(inside, train_ids, IGNORE_INDEX)]
-
-
-def prediction_name(label_path_or_stem: str | Path) -> str:
-    """``{city}_{seq}_{frame}_gtFine_labelIds.png`` for a ground-truth or image path, or a stem: the
-    name cityscapesScripts' evaluator matches (``{city}_{seq}_{frame}*.png``) to its ground truth."""
-    parts = Path(label_path_or_stem).name.split("_")
-    if len(parts) < 3:
-        raise ValueError(f"{label_path_or_stem}: not a Cityscapes name ({{city}}_{{seq}}_{{frame}}...)")
-    frame = parts[2].split(".")[0]
-    return f"{parts[0]}_{parts[1]}_{frame}_gtFine_labelIds.png"
 
 
 def read_png_rgb(path: Path) -> np.ndarray:
@@ -107,7 +64,6 @@ def read_png_rgb(path: Path) -> np.ndarray:
     return image if _IMREAD_RGB != cv2.IMREAD_COLOR else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-INSTANCE_IDS_SUFFIX = "_gtFine_instanceIds.png"
 N_LABEL_IDS = 34  # labelIds 0..33; license plate (-1) is never drawn into the PNGs (cityscapesScripts)
 _SCAN_THREADS = 8  # PNG decoding releases the GIL: labels are scanned in parallel
 
@@ -298,7 +254,7 @@ class TrainIdSource(SliceSource):
         return image, label
 
 
-class CityscapesSource(TrainIdSource):
+class CityscapesSource(InstanceIdsMixin, TrainIdSource):
     """Image/label pairs of one split of a leftImg8bit/ + gtFine/ tree; labels as trainIds."""
 
     LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
@@ -336,80 +292,10 @@ class CityscapesSource(TrainIdSource):
             else:
                 pairs.append(LabelPair(image, chosen, chosen is train_ids, stem))
         super().__init__(pairs, on_bad_case)
-        self._instances: tuple[int, np.ndarray] | None = None  # the last instanceIds file read
 
     def prediction_name(self, index: int) -> str:
         """``{city}/{city}_{seq}_{frame}_gtFine_labelIds.png``, as the ground truth is named."""
         return f"{self.images[index].parent.name}/{prediction_name(self.images[index])}"
-
-    # ---- instances: *_gtFine_instanceIds.png (cityscapesScripts' json2instanceImg) ----
-    def instance_file(self, index: int) -> Path:
-        return self.labels[index].parent / f"{self.stems[index]}{INSTANCE_IDS_SUFFIX}"
-
-    def instance_problem(self) -> str | None:
-        missing = [self.instance_file(i) for i in range(len(self)) if not self.instance_file(i).is_file()]
-        if not missing:
-            return None
-        return (f"{len(missing)} of {len(self)} images have no {INSTANCE_IDS_SUFFIX} (first: {missing[0]}); put the gtFine "
-                "instanceIds files of the official download beside the labelIds files (or write them from the polygons "
-                "with cityscapesScripts' json2instanceImg), or use prompts.per: component")
-
-    def consistency_problems(self) -> list[dict]:
-        """Also: the first instanceIds file must agree with its labelIds file (id // 1000, or the id
-        itself below 1000, is the labelId of every pixel), as json2instanceImg writes them."""
-        problems = super().consistency_problems()
-        for i in range(len(self)):
-            label_ids = self.labels[i].parent / f"{self.stems[i]}{self.LABEL_IDS_SUFFIX}"
-            if self.instance_file(i).is_file() and label_ids.is_file():
-                try:
-                    ids = self.instance_ids(i)
-                except SamtuneError as exc:
-                    return problems + [{"case": self.item_id(i), "file": str(self.instance_file(i)), "problem": str(exc)}]
-                expected = read_label_png(label_ids, self.item_id(i)).astype(np.int32)
-                wrong = np.where(ids >= 1000, ids // 1000, ids) != expected
-                if wrong.any():
-                    y, x = np.argwhere(wrong)[0]
-                    problems.append({
-                        "case": self.item_id(i), "file": str(self.instance_file(i)),
-                        "problem": f"disagrees with {label_ids.name} at {int(wrong.sum())} px (e.g. row {y}, column {x}: instance id "
-                        f"{ids[y, x]}, labelId {expected[y, x]}); regenerate the instanceIds files with cityscapesScripts' json2instanceImg",
-                    })  # fmt: skip
-                break
-        return problems
-
-    def instance_ids(self, index: int) -> np.ndarray:
-        if self._instances is not None and self._instances[0] == index:
-            return self._instances[1]
-        path = self.instance_file(index)
-        ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if ids is None:
-            raise SamtuneError(f"{path}: missing or not a readable PNG; {self.instance_problem() or 're-extract it'}.")
-        label_shape = self.load_label(index).shape
-        if ids.ndim != 2 or ids.dtype not in (np.uint16, np.int32, np.uint8) or ids.shape != label_shape:
-            raise SamtuneError(
-                f"{path}: {ids.dtype} {'×'.join(map(str, ids.shape))} image; an instanceIds file is a single-channel 16-bit PNG "
-                f"the size of its label ({label_shape[1]}×{label_shape[0]}). Re-extract it from the official gtFine download."
-            )
-        self._instances = (index, ids.astype(np.int32))
-        return self._instances[1]
-
-    def load_instances(self, index: int) -> np.ndarray:
-        """Instance k (1..n) = the k-th distinct id >= 1000 of the instanceIds file; group/crowd regions
-        and stuff (ids < 1000) are 0."""
-        ids = self.instance_ids(index)
-        values, inverse = np.unique(ids, return_inverse=True)
-        number = np.cumsum(values >= 1000) * (values >= 1000)
-        return number.astype(np.uint16)[inverse.reshape(ids.shape)]
-
-    def slice_instances(self, index: int) -> dict[int, list[int]]:
-        """trainId -> sizes of its instances, largest first (caravan/trailer instances: no trainId, left out)."""
-        values, counts = np.unique(self.instance_ids(index), return_counts=True)
-        sizes: dict[int, list[int]] = {}
-        for value, count in zip(values.tolist(), counts.tolist()):
-            train_id = int(LABEL_TO_TRAIN[value // 1000]) if value >= 1000 and value // 1000 < 256 else IGNORE_INDEX
-            if train_id != IGNORE_INDEX:
-                sizes.setdefault(train_id, []).append(int(count))
-        return {c: sorted(s, reverse=True) for c, s in sorted(sizes.items())}
 
 
 class CityscapesData(DataSectionBase, DemoKeys):

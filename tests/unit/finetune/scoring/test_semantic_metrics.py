@@ -15,8 +15,8 @@ from samtune.datasets.cityscapes import (
     map_label_ids,
     prediction_name,
     read_label_png,
-    train_ids_to_label_ids,
 )
+from samtune.datasets.cityscapes_labels import train_ids_to_label_ids
 from samtune.finetune.scoring.semantic_metrics import ConfusionAccumulator
 
 NIFTI_CLASSES = {1: "liver", 2: "kidney", 3: "spleen"}  # 0 = background
