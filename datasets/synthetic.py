@@ -226,6 +226,22 @@ class _Canvas:
         return ((self.xx - cx) / max(rx, 0.5)) ** 2 + ((self.yy - cy) / max(ry, 0.5)) ** 2 < 1
 
 
+def _parked_cars(cv: _Canvas, rng, row: bool, road_edges: tuple[float, float], y: float, m: float, n_obj: int) -> int:
+    """Cars parked along one road edge with their base on row ``y`` (``m`` px per metre): a row of
+    2-4 touching cars, each an object (``row``), or one "car group" region that is none. Returns the
+    objects numbered so far."""
+    left = rng.uniform() < 0.5
+    cw, ch = m * rng.uniform(1.7, 2.0), m * rng.uniform(1.35, 1.6)
+    n = int(rng.integers(2, 5)) if row else 1
+    x0 = road_edges[0] + 0.1 * m if left else road_edges[1] - 0.1 * m - n * cw
+    for j in range(n):
+        n_obj += row
+        box = cv.rect(x0 + j * cw, y - 0.6 * ch, x0 + (j + 1) * cw, y)
+        cabin = cv.rect(x0 + (j + 0.15) * cw, y - ch, x0 + (j + 0.85) * cw, y - 0.6 * ch)
+        cv.paint(box | cabin, 26, sd=45, obj=n_obj if row else 0, rng=rng)
+    return n_obj
+
+
 def _city_scene(rng, w, h, ego):
     """One street scene of ``w`` x ``h`` px: (RGB uint8 (h, w, 3), labelIds uint8 (h, w))."""
     return city_scene(rng, w, h, ego)[:2]
@@ -283,16 +299,8 @@ def city_scene(rng, w, h, ego, row_rng=None):
         tt = (y - yh) / (h - yh)
         m = (xr - xl) * tt / 8.0  # pixels per metre at this row: the road is 8 m wide
         if kind in ("row", "group"):  # parked cars from row_rng: the main generator's draws are untouched
-            side = row_rng.uniform() < 0.5
-            x_edge = xv + ((xl if side else xr) - xv) * tt  # the road edge at this row
-            cw, ch = m * row_rng.uniform(1.7, 2.0), m * row_rng.uniform(1.35, 1.6)
-            n = int(row_rng.integers(2, 5)) if kind == "row" else 1
-            x0 = x_edge + 0.1 * m if side else x_edge - 0.1 * m - n * cw
-            for j in range(n):
-                n_obj += kind == "row"
-                box = cv.rect(x0 + j * cw, y - 0.6 * ch, x0 + (j + 1) * cw, y)
-                cabin = cv.rect(x0 + (j + 0.15) * cw, y - ch, x0 + (j + 0.85) * cw, y - 0.6 * ch)
-                cv.paint(box | cabin, 26, sd=45, obj=n_obj if kind == "row" else 0, rng=row_rng)
+            edges = (xv + (xl - xv) * tt, xv + (xr - xv) * tt)  # the road's edges at this row
+            n_obj = _parked_cars(cv, row_rng, kind == "row", edges, y, m, n_obj)
             continue
         curb, out = (xl, sl) if U() < 0.5 else (xr, sr)  # which sidewalk; its edges at this row:
         x_curb, x_out = xv + (curb - xv) * tt, xv + (out - xv) * tt
