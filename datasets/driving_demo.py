@@ -23,7 +23,8 @@ from PIL import Image
 
 from samtune.constants import ACDC_CONDITIONS as CONDITIONS
 from samtune.datasets.cityscapes import map_label_ids
-from samtune.datasets.synthetic import _MARKER, _build, _city_scene
+from samtune.datasets.city_scenes import _city_scene
+from samtune.datasets.synthetic import _MARKER, _build
 
 
 def _check_size(n_train: int, n_val: int, w: int, h: int) -> None:
